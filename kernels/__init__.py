@@ -1,0 +1,20 @@
+"""GPU kernels for the engine, each with a plain PyTorch reference of the same signature.
+
+- ``pageant.kernels.reference``: PyTorch implementations (the CPU path and the ground truth).
+- ``pageant.kernels.triton_ops``: Triton implementations (the GPU path; tested on the CPU with
+  ``TRITON_INTERPRET=1``).
+
+This package imports neither the engine nor the operator.
+
+KV-cache layout shared by every kernel (one pool for all layers, allocated by the engine)::
+
+    kv_cache:  [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+    k_cache = kv_cache[layer, 0]  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache = kv_cache[layer, 1]
+
+A token's *slot* is ``block_id * block_size + offset_in_block``. ``block_tables`` is an int32
+``[num_seqs, max_num_blocks_per_seq]`` tensor whose padding entries are never read past
+``seq_lens``. Query tokens of a sequence are its *last* ``q_len`` positions: query ``j`` of
+sequence ``i`` sits at position ``seq_lens[i] - q_len_i + j`` and attends causally to every
+cached position up to and including its own (its own K/V is written before attention runs).
+"""

@@ -1,0 +1,146 @@
+"""Plain PyTorch reference kernels: the CPU path of the engine and the ground truth for Triton.
+
+Every function here has a Triton twin in ``pageant.kernels.triton_ops`` with the same signature.
+See the package docstring for the KV-cache layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reshape_and_cache(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; a negative slot means "do not write"
+) -> None:
+    """Write each token's key and value into its slot of the paged cache (in place)."""
+    num_blocks, block_size = k_cache.shape[:2]
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    k_flat = k_cache.view(num_blocks * block_size, *k_cache.shape[2:])  # [num_slots, kvh, d]
+    v_flat = v_cache.view(num_blocks * block_size, *v_cache.shape[2:])
+    k_flat.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_flat.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def _gather_context(
+    cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_table: torch.Tensor,  # [num_seqs, num_blocks_needed] int32
+) -> torch.Tensor:  # [num_seqs, num_blocks_needed * block_size, num_kv_heads, head_dim]
+    blocks = cache[block_table.long()]  # [num_seqs, nb, block_size, kvh, d]
+    return blocks.flatten(1, 2)
+
+
+def paged_attention_decode(
+    query: torch.Tensor,  # [num_seqs, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_num_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32: cached tokens, the query's own included
+    scale: float,
+) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
+    """One query token per sequence attending to its whole cached context (GQA aware)."""
+    num_seqs, num_heads, head_dim = query.shape
+    if num_seqs == 0:
+        return query.new_empty(query.shape)
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    max_seq_len = int(seq_lens.max())
+    nb = (max_seq_len + block_size - 1) // block_size
+    k = _gather_context(k_cache, block_tables[:, :nb])  # [num_seqs, nb * block_size, kvh, d]
+    v = _gather_context(v_cache, block_tables[:, :nb])
+    group = num_heads // num_kv_heads
+    q = query.view(num_seqs, num_kv_heads, group, head_dim).float()  # [s, kvh, g, d]
+    scores = torch.einsum("skgd,stkd->skgt", q, k.float()) * scale  # [s, kvh, g, t]
+    positions = torch.arange(k.shape[1], device=query.device)  # [t]
+    mask = positions[None, :] >= seq_lens[:, None].to(positions.dtype)  # [s, t]
+    scores.masked_fill_(mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("skgt,stkd->skgd", probs, v.float())  # [s, kvh, g, d]
+    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+
+
+def paged_attention_prefill(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_num_blocks_per_seq] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32: cumulative query lengths, starts at 0
+    seq_lens: torch.Tensor,  # [num_seqs] int32: context length after this step (cached + new)
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Many query tokens per sequence: causal attention over cached prefix pages plus new tokens."""
+    num_tokens, num_heads, head_dim = query.shape
+    out = torch.empty_like(query)
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        q_start, q_end = starts[i], starts[i + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        nb = (seq_len + block_size - 1) // block_size
+        k = _gather_context(k_cache, block_tables[i : i + 1, :nb])[0, :seq_len]  # [t, kvh, d]
+        v = _gather_context(v_cache, block_tables[i : i + 1, :nb])[0, :seq_len]
+        q = query[q_start:q_end].transpose(0, 1)  # [h, q_len, d]
+        k = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [h, t, d]
+        v = v.transpose(0, 1).repeat_interleave(group, dim=0)
+        # query j sits at position seq_len - q_len + j and sees keys 0 ..= that position
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]
+        k_pos = torch.arange(seq_len, device=query.device)  # [t]
+        allowed = k_pos[None, :] <= q_pos[:, None]  # [q_len, t]
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(0), k.unsqueeze(0).to(q.dtype), v.unsqueeze(0).to(q.dtype),
+            attn_mask=allowed, scale=scale,
+        )  # [1, h, q_len, d]
+        out[q_start:q_end] = o[0].transpose(0, 1)
+    return out
+
+
+def rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+) -> torch.Tensor:  # [num_tokens, hidden]
+    """RMSNorm computed in float32, as Hugging Face Llama does, cast back to x's dtype."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    residual: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (normed [num_tokens, hidden], new residual [num_tokens, hidden])
+    """``residual = x + residual; return rms_norm(residual), residual``."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [num_tokens] int64
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim] float32: cos in the first half, sin in the second
+) -> tuple[torch.Tensor, torch.Tensor]:  # rotated (query, key), same shapes and dtypes
+    """Neox-style (rotate-half) rotary embedding, as Hugging Face Llama/Mistral/Qwen apply it."""
+    cos_sin = cos_sin_cache.index_select(0, positions)  # [num_tokens, rotary_dim]
+    cos, sin = cos_sin.chunk(2, dim=-1)  # [num_tokens, rotary_dim / 2] each
+    cos = torch.cat((cos, cos), dim=-1)[:, None, :]  # [num_tokens, 1, rotary_dim]
+    sin = torch.cat((sin, sin), dim=-1)[:, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x1, x2 = x32.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+        return (x32 * cos + rotated * sin).to(x.dtype)
+
+    return rotate(query), rotate(key)
