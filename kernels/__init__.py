@@ -18,3 +18,23 @@ A token's *slot* is ``block_id * block_size + offset_in_block``. ``block_tables`
 sequence ``i`` sits at position ``seq_lens[i] - q_len_i + j`` and attends causally to every
 cached position up to and including its own (its own K/V is written before attention runs).
 """
+
+from types import ModuleType
+
+ATTENTION_BACKENDS = ("torch", "triton")
+
+
+def get_ops(backend: str) -> ModuleType:
+    """The module of kernels for ``backend`` ("torch" or "triton"); both expose the same functions:
+    ``reshape_and_cache``, ``paged_attention_decode``, ``paged_attention_prefill``, ``rms_norm``,
+    ``fused_add_rms_norm`` and ``rotary_embedding``.
+    """
+    if backend == "torch":
+        from pageant.kernels import reference
+
+        return reference
+    if backend == "triton":
+        from pageant.kernels import triton_ops
+
+        return triton_ops
+    raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
