@@ -1,0 +1,204 @@
+"""``pageant bench serve`` and ``pageant bench throughput``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import json
+import platform
+import sys
+from pathlib import Path
+
+from pageant.engine.bench import datasets
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="load an OpenAI-compatible server (ours or anyone's)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root, without /v1")
+    p.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
+    p.add_argument("--model", default=None, help="model name (default: the first of GET /v1/models)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="requests per second (Poisson arrivals); inf sends all at once")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the arrival process: 1 = Poisson, <1 burstier, >1 smoother")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--dataset", default="random", choices=["random", "sharegpt", "prefix"])
+    p.add_argument("--dataset-path", default=None, help="a local ShareGPT JSON file (dataset sharegpt)")
+    p.add_argument("--input-len", default="128:512", help="random: prompt length range MIN:MAX")
+    p.add_argument("--output-len", default="32:128", help="output length range MIN:MAX")
+    p.add_argument("--prefix-len", type=int, default=256, help="prefix: shared system prompt length")
+    p.add_argument("--num-prefixes", type=int, default=4, help="prefix: how many distinct shared prompts")
+    p.add_argument("--tokenizer", default=None,
+                   help="a tokenizer dir or hub id, to build prompts of exact token lengths (token ids)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-result", action="store_true", help="write JSON and PNG plots to --result-dir")
+    p.add_argument("--result-dir", default="benchmarks/results")
+    p.add_argument("--label", default=None, help="a name for this run in the saved files")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _throughput_parser(sub) -> None:
+    p = sub.add_parser("throughput", help="offline: Pageant LLM.generate vs Hugging Face generate")
+    p.add_argument("--model", default=None, help="checkpoint dir; default: build a random Llama of --build-size")
+    p.add_argument("--build-size", default="30m", choices=["tiny", "30m"],
+                   help="random Llama-shaped checkpoint to build when --model is not given")
+    p.add_argument("--num-prompts", type=int, default=128)
+    p.add_argument("--input-len", default="16:512")
+    p.add_argument("--output-len", default="16:256")
+    p.add_argument("--hf-batch-sizes", default="8,16,32,64", help="static batch sizes to try for HF")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-result", action="store_true")
+    p.add_argument("--result-dir", default="benchmarks/results")
+    p.add_argument("--label", default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _meta(device: str = "cpu") -> dict:
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "python": platform.python_version(), "machine": platform.machine()}
+    try:
+        import torch
+
+        meta["torch"] = torch.__version__
+        meta["device"] = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+    except ImportError:
+        pass
+    return meta
+
+
+def _first_model(base_url: str, api_key: str | None) -> str:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    resp = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
+    resp.raise_for_status()
+    return resp.json()["data"][0]["id"]
+
+
+def run_serve(args) -> int:
+    from pageant.engine.bench.serve import format_summary, results_as_dict, run_serve_benchmark, summarize
+
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    out_range = datasets.parse_range(args.output_len)
+    if args.dataset == "random":
+        reqs = datasets.random_requests(args.num_prompts, datasets.parse_range(args.input_len), out_range,
+                                        seed=args.seed, tokenizer=tokenizer)
+    elif args.dataset == "prefix":
+        reqs = datasets.prefix_requests(args.num_prompts, args.prefix_len, args.num_prefixes,
+                                        datasets.parse_range(args.input_len), out_range, seed=args.seed,
+                                        tokenizer=tokenizer)
+    else:
+        if not args.dataset_path:
+            print("pageant bench serve: --dataset sharegpt needs --dataset-path FILE", file=sys.stderr)
+            return 2
+        reqs = datasets.sharegpt_requests(args.dataset_path, args.num_prompts, seed=args.seed,
+                                          tokenizer=tokenizer, max_output_len=out_range[1])
+    model = args.model or _first_model(args.base_url, args.api_key)
+    results, duration = asyncio.run(run_serve_benchmark(
+        args.base_url, model, reqs, request_rate=args.request_rate, burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency, api_key=args.api_key, endpoint=args.endpoint,
+        seed=args.seed, progress=not args.no_progress,
+    ))
+    summary = summarize(results, duration)
+    print(format_summary(summary))
+    if args.save_result:
+        from pageant.engine.bench.plots import plot_serve
+
+        label = args.label or f"serve_{args.dataset}_rate{args.request_rate:g}"
+        out_dir = Path(args.result_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = {k: v for k, v in vars(args).items() if k not in ("api_key", "func")}
+        config["request_rate"] = str(args.request_rate)
+        doc = {"meta": _meta(), "config": config, "model": model, "summary": summary,
+               "requests": results_as_dict(results)}
+        (out_dir / f"{label}.json").write_text(json.dumps(doc, indent=1))
+        plot_serve({label: results}, out_dir / f"{label}.png")
+        print(f"saved {out_dir / (label + '.json')} and {out_dir / (label + '.png')}")
+    return 0 if summary["completed"] else 1
+
+
+def build_bench_checkpoint(path: Path, size: str) -> Path:
+    """A random Llama-shaped checkpoint: ``30m`` is ~34M parameters (hidden 512, 8 layers)."""
+    from pageant.engine.testing import build_checkpoint
+
+    shapes = {
+        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048),
+        "30m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                    num_key_value_heads=4, vocab_size=8192, max_position_embeddings=2048),
+    }
+    return Path(build_checkpoint(path, arch="llama", seed=0, **shapes[size]))
+
+
+def run_throughput(args) -> int:
+    import tempfile
+
+    from transformers import AutoConfig
+
+    from pageant.engine.bench.throughput import kv_memory_report, make_requests, run_hf, run_pageant
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(args.model) if args.model else build_bench_checkpoint(Path(tmp) / "ckpt", args.build_size)
+        config = AutoConfig.from_pretrained(model)
+        reqs = make_requests(args.num_prompts, datasets.parse_range(args.input_len),
+                             datasets.parse_range(args.output_len), config.vocab_size, args.seed)
+        progress = not args.no_progress
+        pageant = run_pageant(str(model), reqs, dtype=args.dtype, device=args.device,
+                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                              max_model_len=args.max_model_len, progress=progress)
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        hf = [run_hf(str(model), reqs, int(b), dtype=args.dtype, device=args.device, pad_token_id=pad,
+                     progress=progress) for b in args.hf_batch_sizes.split(",")]
+    best = max(hf, key=lambda r: r.output_tokens_per_s)
+    ratio = pageant.output_tokens_per_s / best.output_tokens_per_s
+    report = {
+        "meta": _meta(args.device),
+        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "num_parameters": hf[0].extra["num_parameters"],
+        "pageant": {"name": "pageant", "seconds": pageant.seconds, "output_tokens": pageant.output_tokens,
+                    "output_tokens_per_s": pageant.output_tokens_per_s, **pageant.extra},
+        "hf": [{"name": r.name, "seconds": r.seconds, "output_tokens": r.output_tokens,
+                "output_tokens_per_s": r.output_tokens_per_s, **r.extra} for r in hf],
+        "best_hf": best.name,
+        "ratio_vs_best_hf": ratio,
+        "kv_memory_mib": kv_memory_report(config, pageant, best, args.max_model_len),
+    }
+    print(f"pageant: {pageant.output_tokens_per_s:10.1f} output tok/s ({pageant.seconds:.1f} s)")
+    for r in hf:
+        print(f"{r.name:>8}: {r.output_tokens_per_s:10.1f} output tok/s ({r.seconds:.1f} s)")
+    print(f"ratio pageant / best HF ({best.name}): {ratio:.2f}x")
+    for k, v in report["kv_memory_mib"].items():
+        print(f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: {v}")
+    if args.save_result:
+        from pageant.engine.bench.plots import plot_throughput
+
+        out_dir = Path(args.result_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        label = args.label or f"throughput_{args.device}"
+        (out_dir / f"{label}.json").write_text(json.dumps(report, indent=1))
+        plot_throughput(report, out_dir / f"{label}.png")
+        print(f"saved {out_dir / (label + '.json')} and {out_dir / (label + '.png')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pageant bench", description=__doc__)
+    sub = parser.add_subparsers(dest="which", required=True)
+    _serve_parser(sub)
+    _throughput_parser(sub)
+    args = parser.parse_args(argv)
+    if args.which == "serve":
+        return run_serve(args)
+    return run_throughput(args)

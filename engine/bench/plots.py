@@ -1,0 +1,78 @@
+"""PNG plots for the benchmark results (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_serve(results_by_label: dict[str, list], path: Path, bin_s: float = 1.0) -> Path:
+    """Latency CDFs (TTFT, TPOT, ITL, E2E) and output tokens/s over time, one line per run."""
+    import numpy as np
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 5, figsize=(24, 4.2))
+    for label, results in results_by_label.items():
+        ok = [r for r in results if r.success]
+        series = {
+            "TTFT (ms)": [r.ttft * 1000 for r in ok],
+            "TPOT (ms)": [(r.latency - r.ttft) / (r.output_tokens - 1) * 1000 for r in ok if r.output_tokens > 1],
+            "ITL (ms)": [x * 1000 for r in ok for x in r.itl],
+            "E2E latency (s)": [r.latency for r in ok],
+        }
+        for ax, (name, values) in zip(axes[:4], series.items()):
+            if values:
+                v = np.sort(np.asarray(values))
+                ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=label)
+            ax.set_xlabel(name)
+            ax.set_ylabel("fraction of requests" if name != "ITL (ms)" else "fraction of tokens")
+            ax.grid(alpha=0.3)
+        times = [t for r in ok for t in r.chunk_times]
+        if times:
+            edges = np.arange(0.0, max(times) + bin_s, bin_s)
+            counts, _ = np.histogram(times, bins=edges)
+            axes[4].plot(edges[:-1], counts / bin_s, label=label)
+    axes[4].set_xlabel("time since start (s)")
+    axes[4].set_ylabel("output chunks/s")
+    axes[4].grid(alpha=0.3)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle("pageant bench serve: latency CDFs and throughput over time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_throughput(report: dict, path: Path) -> Path:
+    """Bars: output tokens/s of Pageant and each Hugging Face batch size; KV memory comparison."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = ["pageant"] + [h["name"] for h in report["hf"]]
+    values = [report["pageant"]["output_tokens_per_s"]] + [h["output_tokens_per_s"] for h in report["hf"]]
+    colors = ["tab:green"] + ["tab:gray"] * len(report["hf"])
+    ax1.bar(names, values, color=colors)
+    ax1.set_ylabel("output tokens/s")
+    ax1.set_title(f"Pageant vs Hugging Face generate: {report['ratio_vs_best_hf']:.2f}x the best HF")
+    ax1.tick_params(axis="x", rotation=30)
+    kv = report["kv_memory_mib"]
+    labels = ["pageant used (peak)", "pageant pool", "contiguous max-len", "HF padded (peak)"]
+    keys = ["pageant_used_peak_mib", "pageant_pool_allocated_mib",
+            "contiguous_max_len_same_concurrency_mib", "hf_padded_static_batch_peak_mib"]
+    ax2.bar(labels, [kv[k] for k in keys], color=["tab:green", "tab:olive", "tab:red", "tab:gray"])
+    ax2.set_ylabel("KV cache MiB")
+    ax2.set_title("KV memory")
+    ax2.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
