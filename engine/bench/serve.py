@@ -35,14 +35,23 @@ class RequestResult:
     chunk_times: list[float] = field(default_factory=list)  # absolute, since benchmark start
 
 
+def arrival_intervals(n: int, rate: float, burstiness: float, rng: random.Random) -> list[float]:
+    """Seconds to wait before each of the ``n`` requests: 0 for all at ``rate`` inf, otherwise gamma
+    distributed with shape ``burstiness`` and mean ``1 / rate`` (Poisson arrivals at burstiness 1)."""
+    if rate <= 0 or burstiness <= 0:
+        raise ValueError("request rate and burstiness must be > 0")
+    if rate == float("inf"):
+        return [0.0] * n
+    theta = 1.0 / (rate * burstiness)
+    return [0.0] + [rng.gammavariate(burstiness, theta) for _ in range(n - 1)]
+
+
 async def _arrivals(n: int, rate: float, burstiness: float, rng: random.Random):
-    """Yield request indices at Poisson (burstiness=1) or gamma-distributed intervals."""
-    for i in range(n):
+    """Yield request indices, sleeping the drawn interval before each."""
+    for i, wait in enumerate(arrival_intervals(n, rate, burstiness, rng)):
+        if wait:
+            await asyncio.sleep(wait)
         yield i
-        if rate == float("inf") or i == n - 1:
-            continue
-        # gamma with shape k=burstiness and mean 1/rate: theta = 1 / (rate * k)
-        await asyncio.sleep(rng.gammavariate(burstiness, 1.0 / (rate * burstiness)))
 
 
 async def _one_request(
@@ -136,8 +145,6 @@ async def run_serve_benchmark(
     """Send every request, return the per-request results and the benchmark's duration (s)."""
     from tqdm import tqdm
 
-    if burstiness <= 0:
-        raise ValueError("burstiness must be > 0")
     url = base_url.rstrip("/") + endpoint
     chat = endpoint.endswith("/chat/completions")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
