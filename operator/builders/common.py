@@ -1,0 +1,76 @@
+"""Names, labels, owner references and the config hash shared by every child object."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pageant.operator import schema
+from pageant.operator.spec import InferenceServiceSpec
+
+HTTP_PORT = 8000
+MANAGED_BY = "pageant-operator"
+INSTANCE_LABEL = "pageant.dev/inferenceservice"
+COMPONENT = "engine"
+CONFIG_HASH_ANNOTATION = "pageant.dev/config-hash"
+ADAPTERS_MOUNT = "/etc/pageant/adapters"
+ADAPTERS_FILE = "adapters.json"
+MODEL_MOUNT = "/models"
+ADAPTER_PVC_MOUNT = "/adapters"
+HF_HOME = "/cache/huggingface"
+
+
+def names(spec: InferenceServiceSpec) -> dict[str, str]:
+    """Child object names, all derived from the InferenceService name (<= 52 chars, so <= 63)."""
+    n = spec.name
+    return {"deployment": n, "service": n, "adapters": f"{n}-adapters", "pdb": n, "networkpolicy": n,
+            "scaledobject": n, "hpa": n, "monitor": n, "cache_pvc": f"{n}-model-cache",
+            "cache_job": f"{n}-model-download"}
+
+
+def selector_labels(spec: InferenceServiceSpec) -> dict[str, str]:
+    """The Deployment selector (immutable once created: never add to it)."""
+    return {INSTANCE_LABEL: spec.name, "app.kubernetes.io/component": COMPONENT}
+
+
+def selector_string(spec: InferenceServiceSpec) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(spec).items()))
+
+
+def common_labels(spec: InferenceServiceSpec) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "pageant-engine",
+        "app.kubernetes.io/instance": spec.name,
+        "app.kubernetes.io/part-of": "pageant",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        INSTANCE_LABEL: spec.name,
+    }
+
+
+def owner_references(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
+    """Controller owner reference to the InferenceService (needs its uid; absent when rendering a file)."""
+    if not spec.uid:
+        return []
+    return [{"apiVersion": schema.API_VERSION, "kind": schema.KIND, "name": spec.name, "uid": spec.uid,
+             "controller": True, "blockOwnerDeletion": True}]
+
+
+def metadata(spec: InferenceServiceSpec, name: str, component: str | None = None,
+             labels: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": spec.namespace,
+                            "labels": {**common_labels(spec), **({"app.kubernetes.io/component": component}
+                                                                 if component else {}), **(labels or {})}}
+    refs = owner_references(spec)
+    if refs:
+        meta["ownerReferences"] = refs
+    return meta
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a JSON-able object (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def url(spec: InferenceServiceSpec) -> str:
+    return f"http://{spec.name}.{spec.namespace}.svc.cluster.local:{HTTP_PORT}/v1"

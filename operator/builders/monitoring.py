@@ -1,0 +1,21 @@
+"""Prometheus Operator ServiceMonitor / PodMonitor for the engine's /metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pageant.operator.builders import common
+from pageant.operator.spec import InferenceServiceSpec
+
+
+def monitor(spec: InferenceServiceSpec) -> dict[str, Any]:
+    m = spec.monitoring
+    assert m is not None
+    endpoint = {"port": "http", "path": "/metrics", "interval": m.interval}
+    key = "endpoints" if m.kind == "ServiceMonitor" else "podMetricsEndpoints"
+    return {
+        "apiVersion": "monitoring.coreos.com/v1", "kind": m.kind,
+        "metadata": common.metadata(spec, common.names(spec)["monitor"], "monitoring", labels=m.labels),
+        "spec": {"selector": {"matchLabels": common.selector_labels(spec)},
+                 "namespaceSelector": {"matchNames": [spec.namespace]}, key: [endpoint]},
+    }
