@@ -1,0 +1,221 @@
+"""Paged decode attention: one query token per sequence, K/V read through the block table.
+
+Work split (grid ``[num_seqs, num_kv_heads, num_splits]``):
+
+- One program serves *all* query heads of one kv head (GQA packing: the group's heads are the
+  rows of a ``[BLOCK_H, head_dim]`` query tile, padded to 16 rows for ``tl.dot``), so every K/V
+  byte is read from memory once per sequence, whatever the GQA ratio.
+- Split-K: each sequence's context is cut into ``num_splits`` equal chunks (multiples of
+  ``BLOCK_N`` tokens) handled by separate programs, which keeps the GPU busy when the batch is small
+  and contexts are long. Each split writes its normalised partial output and its log-sum-exp;
+  ``_decode_reduce_kernel`` combines them. With one split the first kernel writes the output.
+
+The softmax runs online in base 2 (scores pre-multiplied by ``scale * log2(e)``) with float32
+accumulators; float32 inputs use IEEE dots (no tf32), so fp32 results match the reference to ~1e-6.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pageant.kernels.triton_utils import check_device, device_sms, dot, dot_settings, last_dim_contiguous, pow2_at_least
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 32
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,  # [num_seqs, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables_ptr,  # [num_seqs, max_num_blocks_per_seq] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    out_ptr,  # [num_seqs, num_heads, head_dim] (NUM_SPLITS == 1)
+    part_out_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim] float32 (NUM_SPLITS > 1)
+    part_lse_ptr,  # [num_seqs, num_heads, NUM_SPLITS] float32, base-2 log-sum-exp
+    qk_scale,  # scale * log2(e)
+    stride_qs, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_os, stride_oh,
+    GROUP: tl.constexpr,  # query heads per kv head
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    BLOCK_H: tl.constexpr,  # GROUP rounded up to a power of two >= 16
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two >= 16
+    BLOCK_N: tl.constexpr,  # context tokens per step
+    NUM_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # equal chunks of whole BLOCK_N steps; trailing splits of a short sequence may be empty
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = kv_head * GROUP + offs_h  # [BLOCK_H]
+    mask_h = offs_h < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(
+        q_ptr + seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_h[:, None] & mask_d[None, :], other=0.0,
+    )  # [BLOCK_H, BLOCK_D]
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] context positions
+        mask_n = offs_n < end
+        block = tl.load(table + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        in_block = (offs_n % BLOCK_SIZE).to(tl.int64)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(
+            k_cache_ptr + (block * stride_kb + in_block * stride_kt + kv_head * stride_kh)[:, None] + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        ).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(
+            v_cache_ptr + (block * stride_vb + in_block * stride_vt + kv_head * stride_vh)[:, None] + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        ).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # [BLOCK_H, BLOCK_N]
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: each step has a valid position
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])  # [BLOCK_H, BLOCK_N]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # an empty split has l_i == 0 and acc == 0
+    result = acc / l_safe[:, None]  # [BLOCK_H, BLOCK_D]
+    out_mask = mask_h[:, None] & mask_d[None, :]
+    if NUM_SPLITS == 1:
+        dst = out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        row = (seq.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split  # [BLOCK_H]
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], result, mask=out_mask)
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=mask_h)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim] float32
+    part_lse_ptr,  # [num_seqs, num_heads, NUM_SPLITS] float32
+    out_ptr,  # [num_seqs, num_heads, head_dim]
+    stride_os, stride_oh,
+    num_heads,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+):
+    """Combine the splits of one (sequence, head): weights 2^(lse_s - max lse)."""
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    row = seq * num_heads + head
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + offs_s, mask=mask_s, other=float("-inf"))  # [BLOCK_S]
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no token at all: output zeros
+    w = tl.exp2(lse - lse_max)  # [BLOCK_S]; 0 for empty splits
+    parts = tl.load(
+        part_out_ptr + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :], other=0.0,
+    )  # [BLOCK_S, BLOCK_D]
+    total = tl.sum(w, axis=0)
+    total = tl.where(total > 0.0, total, 1.0)
+    result = tl.sum(parts * w[:, None], axis=0) / total  # [BLOCK_D]
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d, result.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_n: int, num_sms: int) -> int:
+    """Splits per sequence so that about two programs per SM exist, each with >= 2 steps of work.
+
+    ``max_context`` is an upper bound known without a device sync (the block table's width times
+    the block size), so the choice never reads ``seq_lens`` on the host.
+    """
+    programs = num_seqs * num_kv_heads
+    want = triton.cdiv(2 * num_sms, max(programs, 1))
+    most = max(1, max_context // (2 * block_n))
+    return int(max(1, min(want, most, MAX_SPLITS)))
+
+
+def decode_attention(
+    query: torch.Tensor,  # [num_seqs, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_num_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    scale: float,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
+    """``paged_attention_decode`` with its launch knobs exposed (tests and benchmarks set them)."""
+    num_seqs, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if v_cache.shape != k_cache.shape or cache_head_dim != head_dim:
+        raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit query {tuple(query.shape)}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or seq_lens.shape != (num_seqs,):
+        raise ValueError("block_tables must be [num_seqs, max_blocks] and seq_lens [num_seqs]")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the caches' head_dim must be contiguous")
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if num_seqs == 0:
+        return out
+    check_device(query, k_cache, v_cache, block_tables, seq_lens)
+    query = last_dim_contiguous(query)
+    group = num_heads // num_kv_heads
+    block_d = pow2_at_least(head_dim, 16)
+    block_h = pow2_at_least(group, 16)
+    if block_n is None:
+        block_n = 64 if block_d <= 128 else 32
+    if num_splits is None:
+        max_context = block_tables.shape[1] * block_size
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, block_n, device_sms(query.device))
+    precision, upcast = dot_settings(query.dtype)
+    if num_splits > 1:
+        part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
+        part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=query.device)
+    else:
+        part_out = part_lse = out  # unused
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        float(scale) * LOG2E,
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        PRECISION=precision, UPCAST=upcast,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1), num_heads,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+            BLOCK_S=pow2_at_least(num_splits, 2), num_warps=4,
+        )
+    return out

@@ -1,0 +1,186 @@
+"""Paged prefill/extend attention: many query tokens per sequence, causal over cached pages.
+
+Each sequence's query tokens are its last ``q_len`` positions; its K/V (the new tokens' too) are
+already in the paged cache, so one kernel serves a fresh prompt, a chunked-prefill chunk, and a
+prompt whose prefix came from the prefix cache.
+
+Work split (grid ``[num_q_blocks, num_kv_heads]``, no device sync needed to size it):
+
+- A program takes ``BLOCK_Q`` consecutive query tokens of one sequence and *all* query heads of
+  one kv head: its ``BLOCK_M = BLOCK_Q * GROUP`` (padded) rows are (token, head) pairs, so K/V
+  tiles are loaded once per GQA group (as vLLM's unified attention kernel does).
+- Sequence ``i`` owns q-blocks ``query_start_loc[i] // BLOCK_Q + i`` onwards; a program finds its
+  sequence by binary search over ``query_start_loc``. ``num_tokens // BLOCK_Q + num_seqs`` bounds
+  the q-block count; programs past their sequence's last block exit at once.
+- The key loop stops at the last position any row of the block may see (causality), so a
+  program's work grows with its position, never with the full padded length.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pageant.kernels.triton_utils import check_device, dot, dot_settings, last_dim_contiguous, pow2_at_least
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
+    """The last sequence ``i`` whose first q-block ``query_start_loc[i] // BLOCK_Q + i`` <= q_block."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # [num_tokens, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables_ptr,  # [num_seqs, max_num_blocks_per_seq] int32
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    qk_scale,  # scale * log2(e)
+    num_seqs,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr,  # query heads per kv head
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    BLOCK_Q: tl.constexpr,  # query tokens per program
+    BLOCK_M: tl.constexpr,  # rows per program: BLOCK_Q * GROUP, padded to a power of two
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # keys per step
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    first_q = (q_block - (q_start // BLOCK_Q + seq)) * BLOCK_Q  # first query of this block, within the seq
+    if first_q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len  # positions cached before this step's queries
+
+    offs_m = tl.arange(0, BLOCK_M)
+    q_idx = first_q + offs_m // GROUP  # [BLOCK_M] query index within the sequence
+    heads = kv_head * GROUP + offs_m % GROUP  # [BLOCK_M]
+    mask_m = (offs_m < BLOCK_Q * GROUP) & (q_idx < q_len)
+    q_pos = context_len + q_idx  # [BLOCK_M] absolute positions
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    token = (q_start + q_idx).to(tl.int64)  # [BLOCK_M] row in the flat token dimension
+    q = tl.load(
+        q_ptr + (token * stride_qt + heads * stride_qh)[:, None] + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :], other=0.0,
+    )  # [BLOCK_M, BLOCK_D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    # keys 0 ..= the block's last query position (and never past the sequence)
+    kv_end = tl.minimum(context_len + first_q + BLOCK_Q, seq_len)
+    for n0 in range(0, kv_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+        mask_n = offs_n < kv_end
+        block = tl.load(table + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        in_block = (offs_n % BLOCK_SIZE).to(tl.int64)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(
+            k_cache_ptr + (block * stride_kb + in_block * stride_kt + kv_head * stride_kh)[:, None] + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        ).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(
+            v_cache_ptr + (block * stride_vb + in_block * stride_vt + kv_head * stride_vh)[:, None] + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        ).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
+        allowed = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+        # key 0 is allowed for every row, so after the first step m_new is finite for each row
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])  # [BLOCK_M, BLOCK_N]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+
+    result = acc / l_i[:, None]
+    dst = out_ptr + (token * stride_ot + heads * stride_oh)[:, None] + offs_d[None, :]
+    tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def prefill_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_num_blocks_per_seq] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    scale: float,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """``paged_attention_prefill`` with its launch knobs exposed (tests and benchmarks set them)."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    num_seqs = seq_lens.shape[0]
+    if v_cache.shape != k_cache.shape or cache_head_dim != head_dim:
+        raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit query {tuple(query.shape)}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if query_start_loc.shape != (num_seqs + 1,) or block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
+        raise ValueError("expected query_start_loc [num_seqs + 1] and block_tables [num_seqs, max_blocks]")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the caches' head_dim must be contiguous")
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    check_device(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    query = last_dim_contiguous(query)
+    group = num_heads // num_kv_heads
+    block_d = pow2_at_least(head_dim, 16)
+    if block_m is None:
+        block_m = 64 if block_d <= 128 else 32
+    block_m = pow2_at_least(group, block_m)  # at least one token's whole group per program
+    block_q = block_m // group
+    if block_n is None:
+        block_n = 64 if block_d <= 128 else 32
+    if num_warps is None:
+        num_warps = 4 if block_m * block_d <= 64 * 128 else 8
+    precision, upcast = dot_settings(query.dtype)
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
+        float(scale) * LOG2E, num_seqs,
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
+        PRECISION=precision, UPCAST=upcast,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out

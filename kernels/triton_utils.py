@@ -1,0 +1,77 @@
+"""Launch-side helpers shared by the Triton kernels: device checks, block sizes, dot settings.
+
+Importing this module (and every kernel module) needs ``triton`` but no GPU. On the CPU the
+kernels run only under Triton's interpreter, which is chosen when a kernel is *decorated*: set
+``TRITON_INTERPRET=1`` before ``pageant.kernels.triton_ops`` is first imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Raise a clear error instead of a crash deep inside Triton for tensors it cannot reach."""
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"all tensors must be on one device; got {device} and {t.device}")
+    if device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"the triton kernels need CUDA tensors (got {device}); on the CPU use the torch "
+            "backend, or set TRITON_INTERPRET=1 before importing pageant.kernels.triton_ops"
+        )
+
+
+def pow2_at_least(n: int, floor: int) -> int:
+    """The smallest power of two that is >= max(n, floor) (tl.arange and tl.dot need powers of two)."""
+    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+
+
+def dot_settings(dtype: torch.dtype) -> tuple[str, bool]:
+    """(input_precision, upcast) for ``tl.dot`` on operands of ``dtype``.
+
+    float32 uses "ieee" (not tf32), so the fp32 path is as exact as the PyTorch reference.
+    ``upcast`` is true only in the interpreter for bfloat16, whose ``tl.dot`` multiplies the raw
+    uint16 storage (a Triton interpreter bug); the operands are then widened to float32 first.
+    """
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    return precision, (dtype == torch.bfloat16 and interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (a small fixed number in the interpreter)."""
+    if not torch.cuda.is_available():
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return num_sms(-1)
+    return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if its last dimension has stride 1 (kernels index rows by stride), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot(a, b)`` accumulating in float32 (see ``dot_settings`` for the two flags)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
