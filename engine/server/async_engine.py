@@ -1,0 +1,364 @@
+"""The bridge between asyncio handlers and the single-threaded ``LLMEngine``.
+
+A dedicated thread owns the engine: it takes requests and aborts from a thread-safe queue, runs
+``engine.step()`` while there is work, and hands each ``RequestOutput`` back to the event loop with
+``loop.call_soon_threadsafe`` into the request's own ``asyncio.Queue``. The event loop never runs
+model code, so ``/health`` and ``/metrics`` stay fast while the model computes.
+
+Invariants: only the engine thread touches the engine after ``start()``; every admitted request
+ends with exactly one terminal item in its queue (a finished output or an exception); a request
+whose consumer goes away is aborted before the engine's next step, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator
+
+from pageant.engine import EngineStepError, InvalidRequestError, RequestOutput, SamplingParams
+from pageant.engine.server.metrics import ServerMetrics
+
+logger = logging.getLogger("pageant.server")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; no request can be served."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than ``max_queued_requests`` allows."""
+
+
+class RequestFailedError(RuntimeError):
+    """A request was ended by the server (engine step failure, shutdown) rather than by the model."""
+
+    def __init__(self, message: str, *, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: Any
+    params: SamplingParams
+    priority: int
+    arrival_time: float
+    stream: "_Stream"
+    engine_kwargs: dict
+    accepted: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass
+class _Abort:
+    request_ids: list[str]
+
+
+@dataclass
+class _Call:
+    """Run ``fn(engine)`` on the engine thread (adapter loading and other engine calls)."""
+
+    fn: Any
+    result: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+class _Stream:
+    """Per-request queue of ``RequestOutput`` / ``BaseException`` items, read by one coroutine."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    def put_threadsafe(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+class RequestHandle:
+    """One admitted request: iterate ``outputs()``; ``close()`` aborts it if it has not finished."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, stream: _Stream):
+        self.engine = engine
+        self.request_id = request_id
+        self.stream = stream
+        self.closed = False
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        while not self.stream.finished:
+            item = await self.stream.queue.get()
+            if isinstance(item, BaseException):
+                self.stream.finished = True
+                raise item
+            if item.finished:
+                self.stream.finished = True
+            yield item
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.engine.num_inflight -= 1
+        if not self.stream.finished:
+            self.stream.finished = True
+            self.engine.abort(self.request_id)
+            if self.engine.metrics is not None:
+                self.engine.metrics.failure("abort")
+
+
+class AsyncEngine:
+    """Runs an ``LLMEngine`` on its own thread and serves requests to asyncio code.
+
+    ``max_queued_requests``: admitted requests that have not produced a token yet, beyond which
+    ``add`` raises ``QueueFullError`` at once. ``stall_timeout``: how long the loop may go without a
+    heartbeat (one per iteration, at least every ``idle_wait`` seconds when idle) before it is
+    reported unhealthy.
+    """
+
+    def __init__(self, engine, metrics: ServerMetrics | None = None, *, max_queued_requests: int | None = None,
+                 stall_timeout: float = 120.0, idle_wait: float = 0.5):
+        self.engine = engine
+        self.metrics = metrics
+        self.max_queued_requests = max_queued_requests
+        self.stall_timeout = stall_timeout
+        self.idle_wait = idle_wait
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._waiting: set[str] = set()  # admitted, no output yet (engine thread only)
+        self._pending_adds = 0  # submitted, not yet seen by the engine thread
+        self._pending_lock = threading.Lock()
+        self._stats: dict = {}
+        self._heartbeat = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.dead_reason: str | None = None  # the loop died (unexpected exception)
+        self.step_error: str | None = None  # the last model-step failure (the process should be restarted)
+        self.num_inflight = 0  # requests between add() and their end, event loop side
+        self.draining = False
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stats = dict(self.engine.stats())
+        self._heartbeat = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="pageant-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---------------------------------------------------------------- state
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting) + self._pending_adds
+
+    def stats(self) -> dict:
+        return self._stats
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, why not): the loop thread is alive, beating, and no model step has failed."""
+        if self.dead_reason is not None:
+            return False, f"engine loop died: {self.dead_reason}"
+        if self._thread is None or not self._thread.is_alive():
+            return False, "engine loop is not running"
+        if self.step_error is not None:
+            return False, f"a model step failed: {self.step_error}"
+        age = time.monotonic() - self._heartbeat
+        if age > self.stall_timeout:
+            return False, f"engine loop made no progress for {age:.0f}s"
+        return True, "ok"
+
+    # ---------------------------------------------------------------- event loop side
+    def check_capacity(self, num_requests: int = 1) -> None:
+        """Raise before any work (tokenizing included) if the request cannot be admitted now."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        if self.max_queued_requests is not None and self.num_waiting + num_requests > self.max_queued_requests:
+            raise QueueFullError(f"{self.num_waiting} requests are waiting (limit {self.max_queued_requests})")
+
+    async def add(self, request_id: str, prompt: Any, params: SamplingParams, *, priority: int = 0,
+                  **engine_kwargs) -> _Stream:
+        """Admit a request; raises ``InvalidRequestError`` (the engine refused it) or ``EngineDeadError``."""
+        if self.dead_reason is not None or self._thread is None:
+            raise EngineDeadError(self.dead_reason or "engine loop is not running")
+        stream = _Stream(asyncio.get_running_loop())
+        cmd = _Add(request_id, prompt, params, priority, time.time(), stream, engine_kwargs)
+        with self._pending_lock:
+            self._pending_adds += 1
+        self._commands.put(cmd)
+        try:
+            await asyncio.wrap_future(cmd.accepted)
+        except asyncio.CancelledError:
+            self.abort(request_id)  # it may have been admitted meanwhile: the abort follows it in the queue
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort([request_id]))
+
+    async def call(self, fn) -> Any:
+        """Run ``fn(engine)`` on the engine thread between steps and return its result."""
+        cmd = _Call(fn)
+        self._commands.put(cmd)
+        return await asyncio.wrap_future(cmd.result)
+
+    async def open(self, request_id: str, prompt: Any, params: SamplingParams, *, priority: int = 0,
+                   **engine_kwargs) -> "RequestHandle":
+        """Admit a request and return its handle; raises ``InvalidRequestError`` or ``EngineDeadError``.
+
+        The caller must ``close()`` the handle (in a ``finally``): closing an unfinished request aborts it.
+        """
+        self.num_inflight += 1
+        try:
+            stream = await self.add(request_id, prompt, params, priority=priority, **engine_kwargs)
+        except BaseException:
+            self.num_inflight -= 1
+            raise
+        return RequestHandle(self, request_id, stream)
+
+    def fail_all(self, message: str, status: int = 503) -> None:
+        """Ask the engine thread to end every request with an error (used when draining times out)."""
+        self._commands.put(("fail_all", message, status))
+
+    # ---------------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                idle = not self.engine.has_unfinished_requests()
+                if not self._drain_commands(block=idle):
+                    break
+                self._heartbeat = time.monotonic()
+                if not self.engine.has_unfinished_requests():
+                    self._stats = dict(self.engine.stats())
+                    continue
+                self._step()
+                self._heartbeat = time.monotonic()
+        except BaseException as exc:  # noqa: BLE001 - the loop must report, not vanish
+            logger.exception("engine loop died")
+            self.dead_reason = repr(exc)
+            for stream in self._streams.values():
+                stream.put_threadsafe(RequestFailedError(f"engine loop died: {exc!r}"))
+            self._streams.clear()
+            self._waiting.clear()
+            self._fail_pending(EngineDeadError(self.dead_reason))
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Add):
+                with self._pending_lock:
+                    self._pending_adds -= 1
+                cmd.accepted.set_exception(exc)
+            elif isinstance(cmd, _Call):
+                cmd.result.set_exception(exc)
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Apply queued commands; when idle wait up to ``idle_wait`` for one. False means stop."""
+        try:
+            cmd = self._commands.get(timeout=self.idle_wait) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if cmd is None:
+                return False
+            self._apply(cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _apply(self, cmd) -> None:
+        if isinstance(cmd, _Add):
+            with self._pending_lock:
+                self._pending_adds -= 1
+            if not cmd.accepted.set_running_or_notify_cancel():
+                return  # the caller went away before the request was admitted
+            try:
+                self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, arrival_time=cmd.arrival_time,
+                                        priority=cmd.priority, **cmd.engine_kwargs)
+            except Exception as exc:  # InvalidRequestError, or anything else: the request never entered
+                cmd.accepted.set_exception(exc if isinstance(exc, InvalidRequestError) else InvalidRequestError(str(exc)))
+                return
+            self._streams[cmd.request_id] = cmd.stream
+            self._waiting.add(cmd.request_id)
+            cmd.accepted.set_result(None)
+        elif isinstance(cmd, _Abort):
+            live = [rid for rid in cmd.request_ids if rid in self._streams]
+            if live:
+                self.engine.abort_request(live)
+            for rid in live:
+                self._streams.pop(rid, None)
+                self._waiting.discard(rid)
+                if self.metrics is not None:
+                    self.metrics.forget(rid)
+            self._stats = dict(self.engine.stats())
+        elif isinstance(cmd, _Call):
+            try:
+                cmd.result.set_result(cmd.fn(self.engine))
+            except Exception as exc:  # noqa: BLE001 - handed back to the caller
+                cmd.result.set_exception(exc)
+        elif isinstance(cmd, tuple) and cmd[0] == "fail_all":
+            _, message, status = cmd
+            ids = list(self._streams)
+            if ids:
+                self.engine.abort_request(ids)
+            for rid in ids:
+                self._streams.pop(rid).put_threadsafe(RequestFailedError(message, status=status))
+                if self.metrics is not None:
+                    self.metrics.forget(rid)
+                    self.metrics.failure("shutdown")
+            self._waiting.clear()
+            self._stats = dict(self.engine.stats())
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except EngineStepError as exc:
+            logger.error("model step failed for %d request(s): %r", len(exc.request_ids), exc.cause)
+            self.step_error = repr(exc.cause)
+            for rid in exc.request_ids:
+                stream = self._streams.pop(rid, None)
+                self._waiting.discard(rid)
+                if stream is not None:
+                    stream.put_threadsafe(RequestFailedError(f"the model step failed: {exc.cause!r}"))
+                if self.metrics is not None:
+                    self.metrics.forget(rid)
+                    self.metrics.failure("engine_error")
+            self._stats = dict(self.engine.stats())
+            return
+        now = time.time()
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:  # aborted meanwhile
+                continue
+            self._waiting.discard(out.request_id)
+            if self.metrics is not None:
+                self.metrics.observe_output(out, now)
+            if out.finished:
+                del self._streams[out.request_id]
+            stream.put_threadsafe(_snapshot(out))
+        self._stats = dict(self.engine.stats())
+
+
+def _snapshot(out: RequestOutput) -> RequestOutput:
+    """A copy whose lists the engine will not mutate later (outputs cross threads)."""
+    outputs = [
+        replace(c, token_ids=list(c.token_ids), logprobs=None if c.logprobs is None else list(c.logprobs))
+        for c in out.outputs
+    ]
+    return replace(out, outputs=outputs, metrics=replace(out.metrics))

@@ -1,0 +1,355 @@
+"""The completions and chat-completions handlers: prompt → engine requests → OpenAI responses/streams.
+
+Order of work for every request: model name, draining, cheap range checks, capacity (429 before
+any tokenizing), tokenization and context-length checks, admission to the engine (which may still
+refuse with a 400), then either a JSON body or server-sent events. A client that disconnects (while
+queued, generating or streaming) has its requests aborted at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from pageant.engine import InvalidRequestError, RequestOutput
+from pageant.engine.server import protocol as p
+from pageant.engine.server.async_engine import (AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError,
+                                                RequestHandle)
+from pageant.engine.server.formatting import (chat_logprobs, completion_logprobs, text_logprobs_for_stream)
+from pageant.engine.server.tokens import ServerTokenizer
+from pageant.engine.server.validation import (APIError, Limits, check_common, check_prompt_ids, resolve_max_tokens,
+                                              sampling_params)
+
+logger = logging.getLogger("pageant.server")
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def _until_disconnect(raw: Request) -> None:
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _merged(handles: list[RequestHandle], disconnect: asyncio.Task) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several requests as they come, tagged with the request's position. Raises
+    ``ClientDisconnected`` when the client goes away; always closes (aborts) every handle."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, handle: RequestHandle) -> None:
+        try:
+            async for out in handle.outputs():
+                queue.put_nowait((i, out))
+            queue.put_nowait((i, None))
+        except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    remaining = len(handles)
+    try:
+        while remaining:
+            get = asyncio.create_task(queue.get())
+            done, _ = await asyncio.wait({get, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                raise ClientDisconnected()
+            i, item = get.result()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for handle in handles:
+            handle.close()
+
+
+def _sse(obj) -> str:
+    data = obj.model_dump_json() if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+class OpenAIServing:
+    """Serves ``/v1/completions`` and ``/v1/chat/completions`` for one engine."""
+
+    def __init__(self, engine: AsyncEngine, tokenizer: ServerTokenizer, limits: Limits, *, model_names: list[str],
+                 metrics=None, max_log_len: int | None = None, log_requests: bool = True, adapters=None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.model_names = model_names
+        self.metrics = metrics
+        self.max_log_len = max_log_len
+        self.log_requests = log_requests
+        self.adapters = adapters
+        self.draining = False
+
+    # ------------------------------------------------------------------ shared steps
+    def resolve_model(self, name: str | None) -> tuple[str, dict]:
+        """(the name to echo back, extra engine kwargs such as a LoRA request)."""
+        if name is None or name in self.model_names:
+            return name or self.model_names[0], {}
+        if self.adapters is not None:
+            lora = self.adapters.lora_request(name)
+            if lora is not None:
+                return name, {"lora_request": lora}
+        raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+    def admit(self, num_requests: int) -> None:
+        if self.draining:
+            raise APIError(503, "The server is shutting down.", code="server_shutting_down")
+        try:
+            self.engine.check_capacity(num_requests)
+        except QueueFullError as exc:
+            raise APIError(429, f"Too many requests are waiting: {exc}. Retry later.", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except EngineDeadError as exc:
+            raise APIError(503, f"The engine is not running: {exc}", code="engine_dead") from None
+
+    async def _open_all(self, request_id: str, prompts: list[list[int]], params, priority: int,
+                        engine_kwargs: dict) -> list[RequestHandle]:
+        handles: list[RequestHandle] = []
+        try:
+            for i, ids in enumerate(prompts):
+                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+                handles.append(await self.engine.open(rid, {"prompt_token_ids": ids}, params, priority=priority,
+                                                      **engine_kwargs))
+        except InvalidRequestError as exc:
+            for h in handles:
+                h.close()
+            raise APIError(400, str(exc)) from None
+        except EngineDeadError as exc:
+            for h in handles:
+                h.close()
+            raise APIError(503, f"The engine is not running: {exc}", code="engine_dead") from None
+        except BaseException:
+            for h in handles:
+                h.close()
+            raise
+        return handles
+
+    def _log(self, request_id: str, prompt: str | list, params) -> None:
+        if not self.log_requests:
+            return
+        text = prompt if isinstance(prompt, str) else str(prompt)
+        if self.max_log_len is not None:
+            text = text[: self.max_log_len]
+        logger.info("request %s: prompt=%r params=%s", request_id, text, params)
+
+    def _failure_status(self, exc: RequestFailedError) -> APIError:
+        return APIError(exc.status, str(exc), code="engine_error" if exc.status == 500 else "server_shutting_down")
+
+    async def _collect(self, handles, raw: Request) -> list[tuple[int, RequestOutput]]:
+        disconnect = asyncio.create_task(_until_disconnect(raw))
+        finals: dict[int, RequestOutput] = {}
+        try:
+            async for i, out in _merged(handles, disconnect):
+                if out.finished:
+                    finals[i] = out
+        finally:
+            disconnect.cancel()
+            for handle in handles:
+                handle.close()
+        return sorted(finals.items())
+
+    # ------------------------------------------------------------------ completions
+    async def completions(self, body: p.CompletionRequest, raw: Request) -> Response:
+        model, engine_kwargs = self.resolve_model(body.model)
+        check_common(body, self.limits)
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo together with logprobs is not supported", param="echo")
+        prompt = body.prompt
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "the prompt must not be empty", param="prompt")
+        if len(prompt) > self.limits.max_prompts:
+            raise APIError(400, f"at most {self.limits.max_prompts} prompts per request", param="prompt")
+        self.admit(len(prompt))
+        prompts = [self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in prompt]
+        for ids in prompts:
+            check_prompt_ids(ids, self.limits)
+        max_tokens = min(resolve_max_tokens(body.max_tokens, 16, len(ids), self.limits) for ids in prompts)
+        params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, limits=self.limits)
+        request_id = p.random_id("cmpl")
+        self._log(request_id, prompt[0], params)
+        handles = await self._open_all(request_id, prompts, params, body.priority, engine_kwargs)
+        echo = [self.tokenizer.decode(ids) if isinstance(x, list) else x for x, ids in zip(prompt, prompts)] \
+            if body.echo else None
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            gen = self._completion_stream(handles, raw, request_id, created, model, prompts, body, echo, include_usage)
+            return StreamingResponse(gen, media_type="text/event-stream")
+        try:
+            finals = await self._collect(handles, raw)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except RequestFailedError as exc:
+            raise self._failure_status(exc) from None
+        choices, completion_tokens = [], 0
+        for i, out in finals:
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                text = (echo[i] if echo else "") + c.text
+                lp = completion_logprobs(c, self.tokenizer, body.logprobs) if body.logprobs is not None else None
+                choices.append(p.CompletionChoice(index=i * body.n + c.index, text=text, logprobs=lp,
+                                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+        num_prompt = sum(len(ids) for ids in prompts)
+        usage = p.UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
+                            total_tokens=num_prompt + completion_tokens)
+        resp = p.CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
+        return JSONResponse(resp.model_dump())
+
+    async def _completion_stream(self, handles, raw, request_id, created, model, prompts, body, echo,
+                                 include_usage) -> AsyncIterator[str]:
+        disconnect = asyncio.create_task(_until_disconnect(raw))
+        sent_text: dict[tuple[int, int], int] = {}
+        sent_tokens: dict[tuple[int, int], int] = {}
+        completion_tokens = 0
+        try:
+            async for i, out in _merged(handles, disconnect):
+                choices = []
+                for c in out.outputs:
+                    key = (i, c.index)
+                    if key not in sent_text and echo:
+                        choices.append(p.CompletionChoice(index=i * body.n + c.index, text=echo[i]))
+                    start, tok_start = sent_text.get(key, 0), sent_tokens.get(key, 0)
+                    delta = c.text[start:]
+                    new_tokens = len(c.token_ids) - tok_start
+                    finished = c.finish_reason is not None
+                    if not delta and not finished and not (body.logprobs is not None and new_tokens):
+                        sent_text.setdefault(key, start)
+                        continue
+                    lp = None
+                    if body.logprobs is not None:
+                        lp = text_logprobs_for_stream(c, self.tokenizer, body.logprobs, tok_start, start)
+                    sent_text[key] = len(c.text)
+                    sent_tokens[key] = len(c.token_ids)
+                    if finished:
+                        completion_tokens += len(c.token_ids)
+                    choices.append(p.CompletionChoice(index=i * body.n + c.index, text=delta, logprobs=lp,
+                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                if choices:
+                    yield _sse(p.CompletionChunk(id=request_id, created=created, model=model, choices=choices))
+            if include_usage:
+                num_prompt = sum(len(ids) for ids in prompts)
+                usage = p.UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
+                                    total_tokens=num_prompt + completion_tokens)
+                yield _sse(p.CompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage))
+            yield "data: [DONE]\n\n"
+        except ClientDisconnected:
+            return
+        except RequestFailedError as exc:
+            yield _sse(self._failure_status(exc).body())
+            yield "data: [DONE]\n\n"
+        finally:
+            disconnect.cancel()
+            for handle in handles:
+                handle.close()
+
+    # ------------------------------------------------------------------ chat
+    async def chat(self, body: p.ChatCompletionRequest, raw: Request) -> Response:
+        model, engine_kwargs = self.resolve_model(body.model)
+        check_common(body, self.limits)
+        if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
+            raise APIError(400, "max_completion_tokens must be at least 1", param="max_completion_tokens")
+        if body.response_format is not None and body.response_format.type != "text":
+            raise APIError(400, f"response_format {body.response_format.type!r} is not supported", param="response_format")
+        if body.tools:
+            raise APIError(400, "tools are not supported", param="tools")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        self.admit(1)
+        ids = self.tokenizer.chat_ids(body.messages, body.add_generation_prompt)
+        check_prompt_ids(ids, self.limits, param="messages")
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = resolve_max_tokens(requested, None, len(ids), self.limits)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, limits=self.limits)
+        request_id = p.random_id("chatcmpl")
+        self._log(request_id, ids, params)
+        handles = await self._open_all(request_id, [ids], params, body.priority, engine_kwargs)
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            gen = self._chat_stream(handles, raw, request_id, created, model, len(ids), body, include_usage)
+            return StreamingResponse(gen, media_type="text/event-stream")
+        try:
+            finals = await self._collect(handles, raw)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except RequestFailedError as exc:
+            raise self._failure_status(exc) from None
+        out = finals[0][1]
+        choices, completion_tokens = [], 0
+        for c in out.outputs:
+            completion_tokens += len(c.token_ids)
+            lp = chat_logprobs(c, self.tokenizer, body.top_logprobs or 0, 0) if body.logprobs else None
+            choices.append(p.ChatChoice(index=c.index, message=p.ChatResponseMessage(content=c.text), logprobs=lp,
+                                        finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+        usage = p.UsageInfo(prompt_tokens=len(ids), completion_tokens=completion_tokens,
+                            total_tokens=len(ids) + completion_tokens)
+        resp = p.ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
+        return JSONResponse(resp.model_dump())
+
+    async def _chat_stream(self, handles, raw, request_id, created, model, num_prompt, body,
+                           include_usage) -> AsyncIterator[str]:
+        disconnect = asyncio.create_task(_until_disconnect(raw))
+
+        def chunk(choices, usage=None) -> str:
+            return _sse(p.ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
+
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        completion_tokens = 0
+        try:
+            yield chunk([p.ChatStreamChoice(index=i, delta=p.DeltaMessage(role="assistant", content=""))
+                         for i in range(body.n)])
+            async for _, out in _merged(handles, disconnect):
+                choices = []
+                for c in out.outputs:
+                    start, tok_start = sent_text.get(c.index, 0), sent_tokens.get(c.index, 0)
+                    delta = c.text[start:]
+                    new_tokens = len(c.token_ids) - tok_start
+                    finished = c.finish_reason is not None
+                    if not delta and not finished and not (body.logprobs and new_tokens):
+                        continue
+                    lp = chat_logprobs(c, self.tokenizer, body.top_logprobs or 0, tok_start) if body.logprobs else None
+                    sent_text[c.index] = len(c.text)
+                    sent_tokens[c.index] = len(c.token_ids)
+                    if finished:
+                        completion_tokens += len(c.token_ids)
+                    choices.append(p.ChatStreamChoice(index=c.index, delta=p.DeltaMessage(content=delta or None)
+                                                      if delta else p.DeltaMessage(), logprobs=lp,
+                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                if choices:
+                    yield chunk(choices)
+            if include_usage:
+                usage = p.UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
+                                    total_tokens=num_prompt + completion_tokens)
+                yield chunk([], usage)
+            yield "data: [DONE]\n\n"
+        except ClientDisconnected:
+            return
+        except RequestFailedError as exc:
+            yield _sse(self._failure_status(exc).body())
+            yield "data: [DONE]\n\n"
+        finally:
+            disconnect.cancel()
+            for handle in handles:
+                handle.close()
