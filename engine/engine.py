@@ -1,0 +1,212 @@
+"""``LLMEngine``: requests in, one scheduler step + forward + sampling per ``step()``, outputs out.
+
+Single-threaded: every method is called from one thread. Data flows as explicit objects:
+``Scheduler.schedule() -> SchedulerOutput -> ModelRunner.prepare() -> ModelInput ->
+ModelRunner.execute() -> ModelOutput -> sampler -> SamplerOutput -> OutputProcessor``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from pageant.engine.block_manager import BlockManager
+from pageant.engine.config import EngineConfig, ModelConfig, resolve_max_model_len
+from pageant.engine.exceptions import EngineStepError, InvalidRequestError
+from pageant.engine.loader import resolve_model_path
+from pageant.engine.model_runner import ModelRunner
+from pageant.engine.output_processor import OutputProcessor
+from pageant.engine.outputs import RequestMetrics, RequestOutput
+from pageant.engine.sampler import SamplingBatch, sample
+from pageant.engine.sampling_params import SamplingParams
+from pageant.engine.scheduler import Scheduler
+from pageant.engine.sequence import Request, make_generator
+from pageant.engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def _generation_eos_ids(path: pathlib.Path) -> tuple[int, ...]:
+    gen = path / "generation_config.json"
+    if not gen.is_file():
+        return ()
+    eos = json.loads(gen.read_text()).get("eos_token_id")
+    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+
+
+class LLMEngine:
+    """The online engine. See ``/work/notes/engine_interface.md`` for the contract."""
+
+    def __init__(self, config: EngineConfig):
+        import pageant.kernels
+
+        path = resolve_model_path(config.model, config.revision, config.download_dir)
+        model_config = ModelConfig.from_pretrained(path)
+        max_model_len = resolve_max_model_len(config.max_model_len, model_config)
+        backend = config.attention_backend or ("triton" if config.device.startswith("cuda") else "torch")
+        eos_ids = model_config.eos_token_ids + _generation_eos_ids(path)
+        self.tokenizer = Tokenizer(config.tokenizer or path, extra_eos_ids=eos_ids)
+        self.runner = ModelRunner(config, model_config, path, pageant.kernels.get_ops(backend), max_model_len)
+        self.config = dataclasses.replace(
+            config, max_model_len=max_model_len, num_kv_blocks=self.runner.num_kv_blocks, attention_backend=backend
+        )
+        self.model_config = model_config
+        self.model_name = config.served_model_name or (
+            path.name if pathlib.Path(config.model).expanduser().is_dir() else config.model
+        )
+        self.vocab_size = model_config.vocab_size
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.outputs = OutputProcessor(self.tokenizer, max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.generator = torch.Generator(device=self.runner.device)
+        self.generator.manual_seed(config.seed)
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> "LLMEngine":
+        return cls(EngineConfig(model=model, **kwargs))
+
+    # ------------------------------------------------------------------ requests
+    def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise InvalidRequestError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise InvalidRequestError("prompt token ids must be integers")
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"prompt token ids out of vocabulary [0, {self.vocab_size}): {bad[:5]}")
+            return None, list(prompt)
+        raise InvalidRequestError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams, *,
+                    arrival_time: float | None = None, priority: int = 0) -> None:
+        """Validate and queue a request; raises ``InvalidRequestError`` if it can never run."""
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id must be a non-empty string")
+        if request_id in self.requests:
+            raise InvalidRequestError(f"duplicate request id {request_id!r}")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be a SamplingParams")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidRequestError("priority must be an integer")
+        text, ids = self._prompt_ids(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        limit = self.config.max_model_len
+        if len(ids) >= limit:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; this model's context is {limit} tokens, "
+                "leaving no room for output"
+            )
+        if params.max_tokens is None:
+            params = params.clone(max_tokens=limit - len(ids), min_tokens=min(params.min_tokens, limit - len(ids)))
+        if len(ids) + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                f"context of {limit} tokens"
+            )
+        needed = self.block_manager.blocks_for_tokens(len(ids) + params.max_tokens - 1)
+        if needed > self.block_manager.num_blocks:
+            raise InvalidRequestError(
+                f"the request needs {needed} KV-cache blocks but the pool has only "
+                f"{self.block_manager.num_blocks}; lower max_tokens or the prompt length"
+            )
+        if params.logit_bias and any(not 0 <= t < self.vocab_size for t in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size})")
+        if any(t >= self.vocab_size for t in params.stop_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        request = Request(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=ids,
+            params=params,
+            priority=priority,
+            metrics=RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time),
+            eos_token_ids=self.tokenizer.eos_token_ids,
+        )
+        request.new_sequence(0, list(ids), make_generator(params.seed, 0, self.runner.device))
+        self.requests[request_id] = request
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Drop requests now (their KV blocks go back to the pool); unknown ids are ignored."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            request = self.requests.pop(rid, None)
+            if request is None:
+                continue
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq)
+                    seq.finish_reason = "abort"
+            request.metrics.finished_time = time.time()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        """One scheduler iteration, one forward, one sampling; outputs of every request that got a
+        token or finished. On a model/sampling failure, frees that batch's requests and raises
+        ``EngineStepError`` naming them."""
+        so = self.scheduler.schedule()
+        if so.is_empty:
+            return []
+        rows = [seq for seq, _ in so.sample_rows]
+        try:
+            inp = self.runner.prepare(so)
+            out = self.runner.execute(so, inp)
+            batch = SamplingBatch.build(rows, out.logits.shape[-1], self.runner.device)
+            sampled = sample(out.logits, batch, self.generator)
+        except Exception as exc:
+            ids = list(dict.fromkeys([s.seq.request_id for s in so.scheduled] + [s.request_id for s in rows]))
+            logger.exception("engine step failed for requests %s", ids)
+            self.abort_request(ids)
+            raise EngineStepError(ids, exc) from exc
+        self.prompt_tokens_total += sum(s.num_prompt_tokens for s in rows if s.index == 0 and s.num_output_tokens == 0)
+        self.generation_tokens_total += len(rows)
+        if out.prompt_logits is not None:
+            self.outputs.add_prompt_logprobs(so, inp, out.prompt_logits)
+        results = []
+        for request in self.outputs.process_samples(so, sampled, self.scheduler):
+            if request.is_finished:
+                request.metrics.finished_time = time.time()
+                self.requests.pop(request.request_id, None)
+            results.append(self.outputs.make_output(request))
+        return results
+
+    def stats(self) -> dict[str, Any]:
+        bm = self.block_manager
+        running = {s.request_id for s in self.scheduler.running}
+        waiting = {s.request_id for s in self.scheduler.waiting} - running
+        return {
+            "num_kv_blocks": bm.num_blocks,
+            "num_free_kv_blocks": bm.num_free_blocks,
+            "kv_cache_usage": bm.usage,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_requests_running": len(running),
+            "num_requests_waiting": len(waiting),
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+            "block_size": bm.block_size,
+        }
+

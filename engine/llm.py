@@ -1,0 +1,101 @@
+"""``LLM``: offline batch generation on top of ``LLMEngine``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pageant.engine.config import EngineConfig
+from pageant.engine.engine import LLMEngine
+from pageant.engine.exceptions import InvalidRequestError
+from pageant.engine.outputs import RequestOutput
+from pageant.engine.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict
+
+
+class LLM:
+    """Generate for many prompts at once; outputs come back in the prompts' order.
+
+    ``LLM(model=..., **kwargs)`` takes the fields of ``EngineConfig`` (dtype, device,
+    max_num_seqs, max_num_batched_tokens, block_size, num_kv_blocks, max_model_len, seed,
+    kv_cache_memory_gib, gpu_memory_utilization, attention_backend, ...).
+    """
+
+    def __init__(self, model: str, **kwargs: Any):
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        priority: Sequence[int] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion. ``sampling_params``: one for all or one per prompt."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = (
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params) != len(prompts):
+            raise InvalidRequestError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise InvalidRequestError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
+        ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        try:
+            for rid, prompt, p, prio in zip(ids, prompts, params, priorities):
+                self.engine.add_request(rid, prompt, p, priority=prio)
+        except Exception:
+            self.engine.abort_request(ids)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm, leave=False) as bar:
+            try:
+                while len(finished) < len(ids) and self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.finished and out.request_id in wanted:
+                            finished[out.request_id] = out
+                            bar.update(1)
+            except BaseException:
+                self.engine.abort_request(ids)
+                raise
+        return [finished[rid] for rid in ids]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [
+            self.engine.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()

@@ -1,0 +1,189 @@
+"""Runs the model on a ``SchedulerOutput``: builds the step's tensors, owns the KV-cache pool.
+
+Input tensors are built with a handful of numpy operations per step (no per-token Python), then
+moved to the device once. Logits are computed only where they are needed: the last query token
+of each sequence that samples, and prompt positions of requests asking for prompt logprobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from pageant.engine.attention import AttentionMetadata
+from pageant.engine.config import EngineConfig, ModelConfig
+from pageant.engine.loader import load_model
+from pageant.engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """The flat batch of one step, ready for ``model.forward``."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    attn_metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sample_rows] int64, into the flat tokens
+    prompt_logits_indices: torch.Tensor | None  # [num_prompt_positions] int64
+    prompt_targets: torch.Tensor | None  # [num_prompt_positions] int64: next prompt token
+    prompt_spans: list[tuple[int, int, int]]  # (scheduled index, first position, count)
+
+
+@dataclass
+class ModelOutput:
+    """Logits for the sample rows (float32) and, per prompt-logprob span, its logits and targets."""
+
+    logits: torch.Tensor  # [num_sample_rows, vocab]
+    prompt_logits: torch.Tensor | None  # [num_prompt_positions, vocab]
+
+
+class ModelRunner:
+    """Loads the model and allocates the KV pool ``[num_layers, 2, num_blocks, block_size,
+    num_kv_heads, head_dim]``; ``execute`` runs one step."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, path: pathlib.Path,
+                 ops: ModuleType, max_model_len: int):
+        self.config = config
+        self.model_config = model_config
+        self.device = torch.device(config.device)
+        self.dtype = _DTYPES[config.dtype]
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        max_position = max(max_model_len, model_config.max_position_embeddings)
+        self.model = load_model(path, model_config, ops, self.dtype, self.device, max_position)
+        self.num_kv_blocks = config.num_kv_blocks or self._blocks_from_memory()
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        mc = model_config
+        shape = (mc.num_layers, 2, self.num_kv_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_kv_blocks, self.block_size,
+                    self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+
+    # ------------------------------------------------------------------ sizing
+    def bytes_per_block(self) -> int:
+        mc = self.model_config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return mc.num_layers * 2 * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+
+    def _blocks_from_memory(self) -> int:
+        per_block = self.bytes_per_block()
+        max_useful = self.config.max_num_seqs * -(-self.max_model_len // self.block_size)
+        if self.device.type == "cpu":
+            budget = int(self.config.kv_cache_memory_gib * 2**30)
+            return max(1, min(budget // per_block, max_useful))
+        budget = self._profile_cuda_budget()
+        num = budget // per_block
+        if num < 1:
+            raise ValueError(
+                f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f} GiB); "
+                "raise gpu_memory_utilization or lower max_num_batched_tokens"
+            )
+        return int(num)
+
+    def _profile_cuda_budget(self) -> int:
+        """Run the largest step once on dummy inputs; what is left under ``gpu_memory_utilization``
+        after weights, activations and other processes' memory is the KV budget."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        mc = self.model_config
+        nb = -(-n // self.block_size)
+        kv = torch.zeros((mc.num_layers, 2, nb, self.block_size, mc.num_kv_heads, mc.head_dim),
+                         dtype=self.dtype, device=self.device)
+        md = AttentionMetadata(
+            slot_mapping=torch.arange(n, device=self.device),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(nb, dtype=torch.int32, device=self.device)[None, :],
+            num_decode_seqs=0, max_query_len=n, max_seq_len=n,
+        )
+        with torch.inference_mode():
+            hidden = self.model(torch.zeros(n, dtype=torch.int64, device=self.device),
+                                torch.arange(n, device=self.device), kv, md)
+            self.model.compute_logits(hidden[: self.config.max_num_seqs])
+        torch.cuda.synchronize(self.device)
+        del kv, hidden
+        activation_peak = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        return int(total * self.config.gpu_memory_utilization - used - activation_peak)
+
+    # ------------------------------------------------------------------ one step
+    def prepare(self, so: SchedulerOutput) -> ModelInput:
+        sched = so.scheduled
+        bs = self.block_size
+        q_lens = np.fromiter((s.num_new_tokens for s in sched), dtype=np.int64, count=len(sched))
+        starts = np.fromiter((s.start for s in sched), dtype=np.int64, count=len(sched))
+        cu = np.zeros(len(sched) + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=cu[1:])
+        num_tokens = int(cu[-1])
+        seq_lens = starts + q_lens
+        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(cu[:-1] - starts, q_lens)
+        input_ids: list[int] = []
+        for s in sched:
+            input_ids.extend(s.seq.token_ids[s.start : s.start + s.num_new_tokens])
+        width = max(len(s.seq.block_table) for s in sched)
+        block_tables = np.zeros((len(sched), width), dtype=np.int32)
+        for i, s in enumerate(sched):
+            block_tables[i, : len(s.seq.block_table)] = s.seq.block_table
+        seq_index = np.repeat(np.arange(len(sched)), q_lens)
+        slot_mapping = block_tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
+        logits_indices = np.array([cu[idx + 1] - 1 for _, idx in so.sample_rows], dtype=np.int64)
+
+        prompt_idx: list[np.ndarray] = []
+        prompt_tgt: list[int] = []
+        spans: list[tuple[int, int, int]] = []
+        for i, s in enumerate(sched):
+            req = s.seq.request
+            if s.seq.index == 0 and req.needs_prompt_logprobs and s.start < req.num_prompt_tokens - 1:
+                end = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)
+                count = end - s.start
+                prompt_idx.append(np.arange(cu[i], cu[i] + count))
+                prompt_tgt.extend(req.prompt_token_ids[s.start + 1 : end + 1])
+                spans.append((i, s.start, count))
+
+        dev = self.device
+
+        def to_dev(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(dev, non_blocking=True)
+
+        md = AttentionMetadata(
+            slot_mapping=to_dev(slot_mapping),
+            query_start_loc=to_dev(cu.astype(np.int32)),
+            seq_lens=to_dev(seq_lens.astype(np.int32)),
+            block_tables=to_dev(block_tables),
+            num_decode_seqs=so.num_decode_seqs,
+            max_query_len=int(q_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+        )
+        return ModelInput(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            positions=to_dev(positions),
+            attn_metadata=md,
+            logits_indices=to_dev(logits_indices),
+            prompt_logits_indices=to_dev(np.concatenate(prompt_idx)) if prompt_idx else None,
+            prompt_targets=torch.tensor(prompt_tgt, dtype=torch.int64, device=dev) if prompt_idx else None,
+            prompt_spans=spans,
+        )
+
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput, inp: ModelInput) -> ModelOutput:
+        if so.blocks_to_copy:
+            src = torch.tensor([s for s, _ in so.blocks_to_copy], device=self.device)
+            dst = torch.tensor([d for _, d in so.blocks_to_copy], device=self.device)
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.attn_metadata)  # [num_tokens, hidden]
+        logits = self.model.compute_logits(hidden[inp.logits_indices])  # [num_sample_rows, vocab]
+        prompt_logits = None
+        if inp.prompt_logits_indices is not None:
+            prompt_logits = self.model.compute_logits(hidden[inp.prompt_logits_indices])
+        return ModelOutput(logits=logits, prompt_logits=prompt_logits)

@@ -1,0 +1,174 @@
+"""Iteration-level scheduler: which sequences run in the next step and how many tokens each.
+
+Policy (one call to ``schedule`` per engine step):
+
+1. Running sequences first, in priority/arrival order: each gets what it still needs (one token
+   for a decode, the next chunk for a prompt being prefilled), within the token budget
+   ``max_num_batched_tokens`` and the cap ``max_num_seqs``. If the pool has no block for one, the
+   lowest-priority/newest running sequence is preempted (its blocks freed; it is recomputed
+   later, with identical results) until it fits.
+2. Then waiting sequences (FCFS within priority), each with as much of its prompt as the budget
+   allows (chunked prefill), as long as the pool can hold it. A waiting sequence that does not
+   fit blocks those behind it (no overtaking). Nothing new is admitted in a step that preempted.
+
+``num_computed_tokens`` is advanced here, when the work is scheduled. The batch puts single-token
+sequences first (``num_decode_seqs``), as the attention kernels expect.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+from pageant.engine.block_manager import BlockManager
+from pageant.engine.sequence import Request, Sequence, SequenceStatus, make_generator
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence in a step: it computes tokens ``[start, start + num_new_tokens)``."""
+
+    seq: Sequence
+    start: int
+    num_new_tokens: int
+    sample: bool  # this step reaches the end of its known tokens: sample the next one
+
+
+@dataclass
+class SchedulerOutput:
+    """What the model runner executes this step (decodes first) and what gets sampled.
+
+    ``sample_rows`` pairs each sequence that receives a token with the index (into
+    ``scheduled``) of the sequence whose last query token's logits it samples from: itself, or
+    its parent for samples forked this step.
+    """
+
+    scheduled: list[ScheduledSeq]
+    num_decode_seqs: int
+    num_batched_tokens: int
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    sample_rows: list[tuple[Sequence, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the block manager."""
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[Sequence] = []  # sorted by sort_key
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queues
+    def add_request(self, request: Request) -> None:
+        for seq in request.seqs:
+            self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and free its blocks at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.free(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        self.num_preemptions += 1
+        self._enqueue(seq)
+
+    # ------------------------------------------------------------------ the step
+    def schedule(self) -> SchedulerOutput:
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens
+        chosen: list[ScheduledSeq] = []
+        copies: list[tuple[int, int]] = []
+        preempted: list[Sequence] = []
+
+        self.running.sort(key=lambda s: s.sort_key)
+        i = 0
+        while i < len(self.running) and budget > 0 and len(chosen) < self.max_num_seqs:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not bm.can_allocate(seq, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break
+            copies += self._take(seq, num_new, chosen)
+            budget -= num_new
+            i += 1
+
+        while not preempted and self.waiting and budget > 0 and len(chosen) < self.max_num_seqs:
+            seq = self.waiting[0]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not bm.can_allocate(seq, num_new):
+                break
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            copies += self._take(seq, num_new, chosen)
+            budget -= num_new
+
+        # single-token sequences first (stable), as the decode kernel expects
+        chosen.sort(key=lambda s: s.num_new_tokens != 1)
+        num_decode = sum(1 for s in chosen if s.num_new_tokens == 1)
+        sample_rows: list[tuple[Sequence, int]] = []
+        for idx, s in enumerate(chosen):
+            if s.sample:
+                sample_rows.append((s.seq, idx))
+                sample_rows.extend((child, idx) for child in self._fork_if_needed(s.seq))
+        return SchedulerOutput(
+            scheduled=chosen,
+            num_decode_seqs=num_decode,
+            num_batched_tokens=self.max_num_batched_tokens - budget,
+            blocks_to_copy=copies,
+            sample_rows=sample_rows,
+            preempted=preempted,
+        )
+
+    def _take(self, seq: Sequence, num_new: int, chosen: list[ScheduledSeq]) -> list[tuple[int, int]]:
+        copies = self.block_manager.allocate(seq, num_new)
+        start = seq.num_computed_tokens
+        seq.num_computed_tokens += num_new
+        chosen.append(ScheduledSeq(seq, start, num_new, sample=seq.num_computed_tokens == seq.num_tokens))
+        if seq.request.metrics.first_scheduled_time is None:
+            seq.request.metrics.first_scheduled_time = time.time()
+        return copies
+
+    def _fork_if_needed(self, seq: Sequence) -> list[Sequence]:
+        """When the first sample's prompt is computed, create the other samples sharing its blocks."""
+        request = seq.request
+        if request.forked or request.params.num_samples == 1:
+            return []
+        request.forked = True
+        children = []
+        for index in range(1, request.params.num_samples):
+            gen = make_generator(request.params.seed, index, seq.generator.device) if seq.generator else None
+            child = request.new_sequence(index, list(seq.token_ids), gen)
+            child.num_computed_tokens = seq.num_computed_tokens
+            self.block_manager.fork(seq, child)
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+            children.append(child)
+        return children

@@ -1,0 +1,56 @@
+"""The checkpoint's Hugging Face tokenizer behind a small, stable interface."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from pageant.engine.exceptions import InvalidRequestError
+
+
+class Tokenizer:
+    """Wraps a ``transformers`` tokenizer: ``encode``/``decode``, the chat template, eos ids.
+
+    ``encode`` adds the tokenizer's special tokens (e.g. bos) but never doubles a bos that the
+    text (say, a rendered chat template) already starts with.
+    """
+
+    def __init__(self, path: str | pathlib.Path, revision: str | None = None, extra_eos_ids: tuple[int, ...] = ()):
+        from transformers import AutoTokenizer
+
+        try:
+            self.hf_tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision)
+        except Exception as exc:
+            raise ValueError(f"could not load a tokenizer from {path}: {exc}") from exc
+        self.eos_token_id: int | None = self.hf_tokenizer.eos_token_id
+        self.bos_token_id: int | None = self.hf_tokenizer.bos_token_id
+        ids = set(extra_eos_ids)
+        if self.eos_token_id is not None:
+            ids.add(self.eos_token_id)
+        self.eos_token_ids: frozenset[int] = frozenset(ids)
+        self.vocab_size: int = len(self.hf_tokenizer)
+        self.all_special_ids: frozenset[int] = frozenset(self.hf_tokenizer.all_special_ids)
+
+    def encode(self, text: str) -> list[int]:
+        ids = list(self.hf_tokenizer.encode(text, add_special_tokens=True))
+        bos = self.bos_token_id
+        if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+            ids = ids[1:]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return self.hf_tokenizer.convert_ids_to_tokens(ids)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render ``messages`` with the checkpoint's chat template into the prompt text."""
+        if not getattr(self.hf_tokenizer, "chat_template", None):
+            raise InvalidRequestError("this model's tokenizer has no chat template")
+        try:
+            return self.hf_tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            )
+        except Exception as exc:  # template errors on bad roles / shapes are the caller's fault
+            raise InvalidRequestError(f"could not apply the chat template: {exc}") from exc
