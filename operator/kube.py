@@ -1,0 +1,198 @@
+"""The one module that talks to the Kubernetes API (aiohttp, kopf's credentials).
+
+404 on read/delete and 409 on create are normal outcomes, returned as values (None / False /
+:class:`Conflict`), never raised as failures. Everything else becomes a typed :class:`ApiError`:
+:class:`Forbidden` (403: RBAC, shown in status), :class:`ServerError` (5xx) and
+:class:`Unreachable` (connection/timeouts), which the reconciler retries with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+
+# kind -> (apiVersion, plural, namespaced)
+RESOURCES: dict[str, tuple[str, str, bool]] = {
+    "InferenceService": ("pageant.dev/v1alpha1", "inferenceservices", True),
+    "Deployment": ("apps/v1", "deployments", True),
+    "Service": ("v1", "services", True),
+    "ConfigMap": ("v1", "configmaps", True),
+    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims", True),
+    "Pod": ("v1", "pods", True),
+    "Job": ("batch/v1", "jobs", True),
+    "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets", True),
+    "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies", True),
+    "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers", True),
+    "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects", True),
+    "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors", True),
+    "PodMonitor": ("monitoring.coreos.com/v1", "podmonitors", True),
+}
+DISCOVERY_TTL_SECONDS = 60.0
+
+
+class ApiError(Exception):
+    """A failed API call other than the normal 404/409."""
+
+    def __init__(self, status: int, verb: str, kind: str, message: str):
+        self.status, self.verb, self.kind = status, verb, kind
+        super().__init__(f"{verb} {kind}: HTTP {status}: {message}")
+
+
+class Forbidden(ApiError):
+    """403: the operator's RBAC does not allow this call."""
+
+
+class ServerError(ApiError):
+    """5xx from the API server (or an unexpected status): retry later."""
+
+
+class Unreachable(ApiError):
+    """No answer at all: connection refused, DNS, timeout."""
+
+
+class Conflict(Exception):
+    """409 on create: the object already exists."""
+
+
+def _path(kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+    api_version, plural, namespaced = RESOURCES[kind]
+    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    if namespaced and namespace:
+        base += f"/namespaces/{namespace}"
+    base += f"/{plural}"
+    if name:
+        base += f"/{name}"
+    if subresource:
+        base += f"/{subresource}"
+    return base
+
+
+def _matches(obj: dict[str, Any], labels: dict[str, str]) -> bool:
+    have = (obj.get("metadata") or {}).get("labels") or {}
+    return all(have.get(k) == v for k, v in labels.items())
+
+
+class KubeClient:
+    """Minimal async Kubernetes client. ``connection`` is a kopf.ConnectionInfo; it may be replaced
+    (on re-login) with :meth:`set_connection`."""
+
+    def __init__(self, timeout_seconds: float = 30.0) -> None:
+        self._connection: Any = None
+        self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._discovery: dict[str, tuple[float, set[str]]] = {}
+
+    def set_connection(self, connection: Any) -> None:
+        if connection != self._connection:
+            self._connection = connection
+            if self._session is not None and not self._session.closed:
+                asyncio.get_event_loop().create_task(self._session.close())
+            self._session = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._connection is None:
+            raise Unreachable(0, "connect", "-", "not logged in yet")
+        if self._session is None or self._session.closed:
+            info = self._connection
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=info.as_ssl_context()),
+                headers={**info.as_http_headers(), "User-Agent": "pageant-operator"}, timeout=self._timeout)
+        return self._session
+
+    async def _request(self, method: str, kind: str, path: str, *, body: Any = None,
+                       content_type: str = "application/json", params: dict[str, str] | None = None
+                       ) -> tuple[int, Any]:
+        session = self._get_session()
+        url = self._connection.server.rstrip("/") + path
+        data = None if body is None else json.dumps(body)
+        headers = {"Content-Type": content_type} if body is not None else {}
+        try:
+            async with session.request(method, url, data=data, headers=headers, params=params) as resp:
+                text = await resp.text()
+                try:
+                    payload = json.loads(text) if text else None
+                except ValueError:
+                    payload = text
+                return resp.status, payload
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise Unreachable(0, method, kind, f"{type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    def _raise(status: int, verb: str, kind: str, payload: Any) -> None:
+        message = payload.get("message", "") if isinstance(payload, dict) else str(payload)[:200]
+        if status == 403:
+            raise Forbidden(status, verb, kind, message)
+        raise ServerError(status, verb, kind, message)
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        status, payload = await self._request("GET", kind, _path(kind, namespace, name))
+        if status == 404:
+            return None
+        if status != 200:
+            self._raise(status, "get", kind, payload)
+        return payload
+
+    async def list(self, kind: str, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        """Objects of a kind in a namespace with all the labels (also filtered here, defensively)."""
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        status, payload = await self._request("GET", kind, _path(kind, namespace),
+                                              params={"labelSelector": selector})
+        if status == 404:
+            return []
+        if status != 200:
+            self._raise(status, "list", kind, payload)
+        return [o for o in (payload or {}).get("items", []) if _matches(o, labels)]
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        kind, meta = obj["kind"], obj["metadata"]
+        status, payload = await self._request("POST", kind, _path(kind, meta.get("namespace")), body=obj)
+        if status == 409:
+            raise Conflict(f"{kind} {meta.get('namespace')}/{meta['name']} already exists")
+        if status not in (200, 201, 202):
+            self._raise(status, "create", kind, payload)
+        return payload
+
+    async def patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any],
+                    subresource: str | None = None) -> dict[str, Any] | None:
+        """JSON merge patch (RFC 7386: lists replaced whole, null deletes). None if not found."""
+        status, payload = await self._request("PATCH", kind, _path(kind, namespace, name, subresource), body=patch,
+                                              content_type="application/merge-patch+json")
+        if status == 404:
+            return None
+        if status != 200:
+            self._raise(status, "patch", kind, payload)
+        return payload
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        status, payload = await self._request("DELETE", kind, _path(kind, namespace, name),
+                                              body={"propagationPolicy": "Background"})
+        if status == 404:
+            return False
+        if status not in (200, 202):
+            self._raise(status, "delete", kind, payload)
+        return True
+
+    async def api_available(self, kind: str) -> bool:
+        """Whether the API server serves this kind (e.g. KEDA or Prometheus Operator CRDs installed)."""
+        api_version, plural, _ = RESOURCES[kind]
+        cached = self._discovery.get(api_version)
+        if cached is None or time.monotonic() - cached[0] > DISCOVERY_TTL_SECONDS:
+            path = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
+            status, payload = await self._request("GET", kind, path)
+            if status == 404:
+                names: set[str] = set()
+            elif status == 200:
+                names = {r.get("name", "") for r in (payload or {}).get("resources", [])}
+            else:
+                self._raise(status, "discover", kind, payload)
+            cached = self._discovery[api_version] = (time.monotonic(), names)
+        return plural in cached[1]
