@@ -30,8 +30,8 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
     """The last sequence ``i`` whose first q-block ``query_start_loc[i] // BLOCK_Q + i`` <= q_block."""
-    lo = 0
-    hi = num_seqs
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0, tl.int32) + num_seqs  # a tensor even when num_seqs is specialised to 1
     while lo < hi:
         mid = (lo + hi) // 2
         first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
