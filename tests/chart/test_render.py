@@ -85,7 +85,7 @@ def test_operator_pod_is_restricted(render, values):
 
 def test_operator_image_tag_and_digest(render):
     (dep,) = _by_kind(render(), "Deployment")
-    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/pageant-dev/pageant-operator:0.1.0"
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/pageant-project/pageant-operator:0.1.0"
     (dep,) = _by_kind(render(CHART / "ci" / "minimal-values.yaml"), "Deployment")
     image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image.startswith("registry.example.com/pageant/operator@sha256:")
@@ -159,3 +159,24 @@ def test_validation_rejects_unknown_fields(render, validate_object):
     rule["spec"]["groups"][0]["rules"][0]["for"] = 5
     with pytest.raises(AssertionError):
         validate_object(rule)
+
+
+@pytest.mark.parametrize("values", CASES, ids=IDS)
+def test_operator_cli_accepts_the_chart_args(render, values):
+    """The Deployment's args parse with the operator's real argument parser."""
+    from pageant.operator import cli
+
+    (dep,) = _by_kind(render(*([values] if values else [])), "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[0] == "operator"
+    parsed = cli._parser().parse_args(args[1:])
+    assert parsed.command == "run" and parsed.metrics_port == 8080 and parsed.health_port == 8081
+    assert parsed.engine_image.startswith("ghcr.io/pageant-project/pageant-engine:")
+
+
+def test_operator_flags_from_values(render):
+    (dep,) = _by_kind(render(set_=("operator.verbose=true", "operator.resyncSeconds=30",
+                                   "engine.image.tag=v9")), "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--verbose" in args and args[args.index("--resync-seconds") + 1] == "30"
+    assert args[args.index("--engine-image") + 1] == "ghcr.io/pageant-project/pageant-engine:v9"

@@ -60,11 +60,20 @@ app.kubernetes.io/component: operator
 {{- end -}}
 
 {{- define "pageant.operator.image" -}}
-{{- $img := .Values.operator.image -}}
+{{- include "pageant.image" (dict "image" .Values.operator.image "root" .) -}}
+{{- end -}}
+
+{{- define "pageant.engine.image" -}}
+{{- include "pageant.image" (dict "image" .Values.engine.image "root" .) -}}
+{{- end -}}
+
+{{/* repository@digest, or repository:tag (tag defaults to the appVersion). */}}
+{{- define "pageant.image" -}}
+{{- $img := .image -}}
 {{- if $img.digest -}}
 {{- printf "%s@%s" $img.repository $img.digest -}}
 {{- else -}}
-{{- printf "%s:%s" $img.repository (default .Chart.AppVersion $img.tag) -}}
+{{- printf "%s:%s" $img.repository (default .root.Chart.AppVersion $img.tag) -}}
 {{- end -}}
 {{- end -}}
 
