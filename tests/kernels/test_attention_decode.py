@@ -104,3 +104,15 @@ def test_bad_head_counts_are_rejected():
 def test_split_heuristic(num_seqs, max_context, expected):
     """132 SMs (H100), 8 kv heads, 64-token steps: ~2 programs per SM, >= 2 steps per split."""
     assert choose_num_splits(num_seqs, 8, max_context, 64, 132) == expected
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(8, 2, 128), (4, 1, 256), (4, 2, 80)])
+def test_model_head_sizes_with_default_launch_and_a_strided_query(num_heads, num_kv_heads, head_dim, paged_kv, assert_close):
+    """Llama-like head_dim 128, Gemma-like 256 (smaller key steps), 80 (padded); query sliced from a fused qkv."""
+    kv = paged_kv([19, 45], 16, num_kv_heads, head_dim, torch.bfloat16, seed=head_dim)
+    qkv = torch.randn(2, num_heads + 2 * num_kv_heads, head_dim).to(torch.bfloat16)
+    query = qkv[:, :num_heads]  # [num_seqs, num_heads, head_dim], row stride > num_heads * head_dim
+    scale = head_dim**-0.5
+    expected = reference.paged_attention_decode(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, scale)
+    actual = triton_ops.paged_attention_decode(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, scale)
+    assert_close(actual, expected)

@@ -91,3 +91,17 @@ def test_empty_and_invalid_inputs():
         triton_ops.paged_attention_prefill(
             torch.zeros(3, 2, 16), cache, cache, tables, torch.zeros(3, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0
         )
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(8, 2, 128), (4, 1, 256), (4, 2, 80)])
+def test_model_head_sizes_with_default_launch_and_a_strided_query(num_heads, num_kv_heads, head_dim, paged_kv, assert_close):
+    """Llama-like head_dim 128, Gemma-like 256 (smaller tiles), 80 (padded); query sliced from a fused qkv."""
+    kv = paged_kv([19, 45], 16, num_kv_heads, head_dim, torch.bfloat16, seed=head_dim)
+    q_lens = [19, 12]
+    qkv = torch.randn(sum(q_lens), num_heads + 2 * num_kv_heads, head_dim).to(torch.bfloat16)
+    query = qkv[:, :num_heads]
+    qsl = _query_start_loc(q_lens)
+    scale = head_dim**-0.5
+    expected = reference.paged_attention_prefill(query, kv.k_cache, kv.v_cache, kv.block_tables, qsl, kv.seq_lens, scale)
+    actual = triton_ops.paged_attention_prefill(query, kv.k_cache, kv.v_cache, kv.block_tables, qsl, kv.seq_lens, scale)
+    assert_close(actual, expected)
