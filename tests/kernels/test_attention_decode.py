@@ -116,3 +116,12 @@ def test_model_head_sizes_with_default_launch_and_a_strided_query(num_heads, num
     expected = reference.paged_attention_decode(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, scale)
     actual = triton_ops.paged_attention_decode(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, scale)
     assert_close(actual, expected)
+
+
+def test_group_wider_than_sixteen_heads(paged_kv, assert_close):
+    """MQA with 32 query heads on one kv head: the packed query tile grows past the 16-row minimum."""
+    kv = paged_kv([12, 30], 8, 1, 16, torch.float32, seed=21)
+    query = torch.randn(2, 32, 16)
+    expected = reference.paged_attention_decode(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.3)
+    actual = decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.3, num_splits=2, block_n=16)
+    assert_close(actual, expected)

@@ -105,3 +105,14 @@ def test_model_head_sizes_with_default_launch_and_a_strided_query(num_heads, num
     expected = reference.paged_attention_prefill(query, kv.k_cache, kv.v_cache, kv.block_tables, qsl, kv.seq_lens, scale)
     actual = triton_ops.paged_attention_prefill(query, kv.k_cache, kv.v_cache, kv.block_tables, qsl, kv.seq_lens, scale)
     assert_close(actual, expected)
+
+
+def test_group_wider_than_the_row_block(paged_kv, assert_close):
+    """MQA with 32 query heads and block_m 16: each program takes one token's whole group."""
+    kv = paged_kv([12, 30], 8, 1, 16, torch.float32, seed=21)
+    q_lens = [5, 9]
+    query = torch.randn(sum(q_lens), 32, 16)
+    qsl = _query_start_loc(q_lens)
+    expected = reference.paged_attention_prefill(query, kv.k_cache, kv.v_cache, kv.block_tables, qsl, kv.seq_lens, 0.3)
+    actual = prefill_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, qsl, kv.seq_lens, 0.3, block_m=16, block_n=16)
+    assert_close(actual, expected)
