@@ -52,6 +52,13 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     attention_backend: str | None = None
     enable_prefix_caching: bool = False
+    # LoRA (see pageant.engine.adapters): at most max_loras adapters in one batch / on the device,
+    # max_cpu_loras (default max_loras) validated adapters cached in host memory
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    allowed_lora_root: str | None = None  # adapter paths must lie under it (None: any local path)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -70,6 +77,13 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_gib must be > 0")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        for name in ("max_loras", "max_lora_rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        cpu = self.max_cpu_loras
+        if cpu is not None and (not isinstance(cpu, int) or cpu < self.max_loras):
+            raise ValueError(f"max_cpu_loras must be an integer >= max_loras ({self.max_loras}), got {cpu!r}")
         if self.attention_backend not in (None, "torch", "triton"):
             raise ValueError(f"attention_backend must be 'torch' or 'triton', got {self.attention_backend!r}")
 

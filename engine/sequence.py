@@ -98,6 +98,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     forked: bool = False
+    lora_name: str | None = None  # the LoRA adapter applied to every sequence (None = base model)
 
     @property
     def num_prompt_tokens(self) -> int:
