@@ -10,6 +10,9 @@ Policy (one call to ``schedule`` per engine step):
 2. Then waiting sequences (FCFS within priority), each with as much of its prompt as the budget
    allows (chunked prefill), as long as the pool can hold it. A waiting sequence that does not
    fit blocks those behind it (no overtaking). Nothing new is admitted in a step that preempted.
+   With LoRA, the running set never uses more than ``max_loras`` distinct adapters: a waiting
+   sequence whose adapter would exceed that is skipped for this step (later ones may go first,
+   as in vLLM), so every batch fits the device's adapter slots.
 
 ``num_computed_tokens`` is advanced here, when the work is scheduled. The batch puts single-token
 sequences first (``num_decode_seqs``), as the attention kernels expect.
@@ -59,8 +62,10 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting and running queues and the block manager."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_loras: int = 0):
         self.block_manager = block_manager
+        self.max_loras = max_loras  # distinct LoRA adapters allowed among running sequences
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Sequence] = []  # sorted by sort_key
@@ -119,12 +124,20 @@ class Scheduler:
             budget -= num_new
             i += 1
 
-        while not preempted and self.waiting and budget > 0 and len(chosen) < self.max_num_seqs:
-            seq = self.waiting[0]
+        loras = {s.request.lora_name for s in self.running} - {None}
+        w = 0  # index into waiting: sequences skipped for the LoRA cap stay queued
+        while not preempted and w < len(self.waiting) and budget > 0 and len(chosen) < self.max_num_seqs:
+            seq = self.waiting[w]
+            lora = seq.request.lora_name
+            if lora is not None and lora not in loras and len(loras) >= self.max_loras:
+                w += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not bm.can_allocate(seq, num_new):
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(w)
+            if lora is not None:
+                loras.add(lora)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             copies += self._take(seq, num_new, chosen)
