@@ -164,6 +164,7 @@ class LLMEngine:
         return bool(self.requests)
 
     # ------------------------------------------------------------------ the loop
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """One scheduler iteration, one forward, one sampling; outputs of every request that got a
         token or finished. On a model/sampling failure, frees that batch's requests and raises
