@@ -89,8 +89,8 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
     async_engine.metrics = metrics
     max_model_len = int(engine.config.max_model_len)
     tokenizer = ServerTokenizer.from_engine(engine)
-    vocab_size = int(getattr(engine.config, "vocab_size", 0) or 0) or tokenizer.vocab_size
-    limits = Limits(max_model_len=max_model_len, vocab_size=min(vocab_size, tokenizer.vocab_size) or vocab_size,
+    vocab_size = int(getattr(engine, "vocab_size", 0) or 0) or tokenizer.vocab_size
+    limits = Limits(max_model_len=max_model_len, vocab_size=vocab_size,
                     max_n=config.max_n, max_logprobs=config.max_logprobs)
     serving = OpenAIServing(async_engine, tokenizer, limits, model_names=names, metrics=metrics,
                             max_log_len=config.max_log_len, log_requests=config.log_requests, adapters=adapters)

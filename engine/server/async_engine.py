@@ -234,6 +234,13 @@ class AsyncEngine:
 
     # ---------------------------------------------------------------- engine thread
     def _run(self) -> None:
+        import torch
+
+        # inference mode is per thread: the engine's tensors are made and updated under it
+        with torch.inference_mode():
+            self._loop()
+
+    def _loop(self) -> None:
         try:
             while not self._stop.is_set():
                 idle = not self.engine.has_unfinished_requests()

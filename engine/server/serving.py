@@ -175,7 +175,7 @@ class OpenAIServing:
         prompt = body.prompt
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
-        if not prompt:
+        if not prompt or any(len(x) == 0 for x in prompt):
             raise APIError(400, "the prompt must not be empty", param="prompt")
         if len(prompt) > self.limits.max_prompts:
             raise APIError(400, f"at most {self.limits.max_prompts} prompts per request", param="prompt")
