@@ -15,6 +15,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from pageant.engine.adapters import LoRAManager, wrap_model
 from pageant.engine.attention import AttentionMetadata
 from pageant.engine.config import EngineConfig, ModelConfig
 from pageant.engine.loader import load_model
@@ -51,8 +52,9 @@ class ModelRunner:
     num_kv_heads, head_dim]``; ``execute`` runs one step."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, path: pathlib.Path,
-                 ops: ModuleType, max_model_len: int):
+                 ops: ModuleType, max_model_len: int, lora_manager: LoRAManager | None = None):
         self.config = config
+        self.lora_manager = lora_manager  # None: LoRA off; else the model's projections get its deltas
         self.model_config = model_config
         self.device = torch.device(config.device)
         self.dtype = _DTYPES[config.dtype]
@@ -60,6 +62,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         max_position = max(max_model_len, model_config.max_position_embeddings)
         self.model = load_model(path, model_config, ops, self.dtype, self.device, max_position)
+        if lora_manager is not None:
+            wrap_model(self.model, lora_manager)
         self.num_kv_blocks = config.num_kv_blocks or self._blocks_from_memory()
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         mc = model_config
@@ -181,6 +185,9 @@ class ModelRunner:
             src = torch.tensor([s for s, _ in so.blocks_to_copy], device=self.device)
             dst = torch.tensor([d for _, d in so.blocks_to_copy], device=self.device)
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        if self.lora_manager is not None:  # every token's adapter slot, sequences back to back
+            self.lora_manager.set_batch([s.seq.request.lora_name for s in so.scheduled],
+                                        [s.num_new_tokens for s in so.scheduled])
         hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.attn_metadata)  # [num_tokens, hidden]
         logits = self.model.compute_logits(hidden[inp.logits_indices])  # [num_sample_rows, vocab]
         prompt_logits = None
