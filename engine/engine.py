@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
+from pageant.engine.adapters import LoRAAdapterError, LoRAManager, LoRAModelSpec
 from pageant.engine.block_manager import BlockManager
 from pageant.engine.config import EngineConfig, ModelConfig, resolve_max_model_len
 from pageant.engine.exceptions import EngineStepError, InvalidRequestError
 from pageant.engine.loader import resolve_model_path
+from pageant.engine.lora import LoRARequest
 from pageant.engine.model_runner import ModelRunner
 from pageant.engine.output_processor import OutputProcessor
 from pageant.engine.outputs import RequestMetrics, RequestOutput
@@ -53,17 +55,25 @@ class LLMEngine:
         backend = config.attention_backend or ("triton" if config.device.startswith("cuda") else "torch")
         eos_ids = model_config.eos_token_ids + _generation_eos_ids(path)
         self.tokenizer = Tokenizer(config.tokenizer or path, extra_eos_ids=eos_ids)
-        self.runner = ModelRunner(config, model_config, path, pageant.kernels.get_ops(backend), max_model_len)
+        self.model_name = config.served_model_name or (
+            path.name if pathlib.Path(config.model).expanduser().is_dir() else config.model
+        )
+        self.lora_manager = LoRAManager(
+            LoRAModelSpec.from_model_config(model_config), max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank, max_cpu_loras=config.max_cpu_loras, device=config.device,
+            dtype=getattr(torch, config.dtype), backend=backend, adapter_root=config.allowed_lora_root,
+            reserved_names=(self.model_name,),
+        ) if config.enable_lora else None
+        self.runner = ModelRunner(config, model_config, path, pageant.kernels.get_ops(backend), max_model_len,
+                                  self.lora_manager)
         self.config = dataclasses.replace(
             config, max_model_len=max_model_len, num_kv_blocks=self.runner.num_kv_blocks, attention_backend=backend
         )
         self.model_config = model_config
-        self.model_name = config.served_model_name or (
-            path.name if pathlib.Path(config.model).expanduser().is_dir() else config.model
-        )
         self.vocab_size = model_config.vocab_size
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_loras if config.enable_lora else 0)
         self.outputs = OutputProcessor(self.tokenizer, max_model_len)
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.runner.device)
@@ -98,7 +108,8 @@ class LLMEngine:
         raise InvalidRequestError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams, *,
-                    arrival_time: float | None = None, priority: int = 0) -> None:
+                    arrival_time: float | None = None, priority: int = 0,
+                    lora_request: LoRARequest | None = None) -> None:
         """Validate and queue a request; raises ``InvalidRequestError`` if it can never run."""
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string")
@@ -108,6 +119,7 @@ class LLMEngine:
             raise InvalidRequestError("params must be a SamplingParams")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError("priority must be an integer")
+        lora_name = self._lora_name(lora_request)
         text, ids = self._prompt_ids(prompt)
         if not ids:
             raise InvalidRequestError("the prompt is empty")
@@ -142,8 +154,11 @@ class LLMEngine:
             priority=priority,
             metrics=RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time),
             eos_token_ids=self.tokenizer.eos_token_ids,
+            lora_name=lora_name,
         )
         request.new_sequence(0, list(ids), make_generator(params.seed, 0, self.runner.device))
+        if lora_name is not None:
+            self.lora_manager.acquire(lora_name)
         self.requests[request_id] = request
         self.scheduler.add_request(request)
 
@@ -159,6 +174,7 @@ class LLMEngine:
                     self.scheduler.finish(seq)
                     seq.finish_reason = "abort"
             request.metrics.finished_time = time.time()
+            self._release_lora(request)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -191,14 +207,66 @@ class LLMEngine:
         for request in self.outputs.process_samples(so, sampled, self.scheduler):
             if request.is_finished:
                 request.metrics.finished_time = time.time()
-                self.requests.pop(request.request_id, None)
+                if self.requests.pop(request.request_id, None) is not None:
+                    self._release_lora(request)
             results.append(self.outputs.make_output(request))
         return results
+
+    # ------------------------------------------------------------------ LoRA adapters
+    def _lora_name(self, lora_request: LoRARequest | None) -> str | None:
+        """The adapter a new request uses, loaded now if it is new; InvalidRequestError if bad."""
+        if lora_request is None:
+            return None
+        if self.lora_manager is None:
+            raise InvalidRequestError("LoRA adapters are not enabled on this engine (enable_lora=False)")
+        if not isinstance(lora_request, LoRARequest):
+            raise InvalidRequestError("lora_request must be a LoRARequest")
+        try:
+            self.lora_manager.add_lora(lora_request.lora_name, lora_request.lora_int_id, lora_request.lora_path)
+        except LoRAAdapterError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        return lora_request.lora_name
+
+    def _release_lora(self, request: Request) -> None:
+        if request.lora_name is not None and self.lora_manager is not None:
+            self.lora_manager.release(request.lora_name)
+
+    def _lora(self) -> LoRAManager:
+        if self.lora_manager is None:
+            raise LoRAAdapterError("LoRA adapters are not enabled on this engine (enable_lora=False)")
+        return self.lora_manager
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load and validate an adapter; False if it is already loaded. Raises ``LoRAAdapterError``
+        (a ValueError whose message fits an HTTP 400) for a bad adapter, path or name."""
+        return self._lora().add_lora(lora_request.lora_name, lora_request.lora_int_id, lora_request.lora_path)
+
+    def remove_lora(self, lora: str | int) -> bool:
+        """Unload an adapter by name or ``lora_int_id``; False if it is not loaded. Raises
+        ``LoRAAdapterError`` while unfinished requests use it (see ``num_lora_requests``)."""
+        manager = self._lora()
+        name = lora if isinstance(lora, str) else next((n for n, i, _ in manager.list_loras() if i == lora), None)
+        if name is None or not manager.has_lora(name):
+            return False
+        manager.remove_lora(name)
+        return True
+
+    def list_loras(self) -> list[LoRARequest]:
+        """The loaded adapters, in the order they were added."""
+        if self.lora_manager is None:
+            return []
+        return [LoRARequest(n, i, p) for n, i, p in self.lora_manager.list_loras()]
+
+    def num_lora_requests(self, name: str) -> int:
+        """Unfinished (running or waiting) requests that use adapter ``name``."""
+        return self.lora_manager.num_running(name) if self.lora_manager is not None else 0
 
     def stats(self) -> dict[str, Any]:
         bm = self.block_manager
         running = {s.request_id for s in self.scheduler.running}
         waiting = {s.request_id for s in self.scheduler.waiting} - running
+        running_loras = {s.request.lora_name for s in self.scheduler.running} - {None}
+        waiting_loras = {s.request.lora_name for s in self.scheduler.waiting} - {None}
         return {
             "num_kv_blocks": bm.num_blocks,
             "num_free_kv_blocks": bm.num_free_blocks,
@@ -209,5 +277,8 @@ class LLMEngine:
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "block_size": bm.block_size,
+            "running_lora_adapters": sorted(running_loras),
+            "waiting_lora_adapters": sorted(waiting_loras),
+            "max_lora": self.config.max_loras if self.config.enable_lora else 0,
         }
 

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from pageant.engine.config import EngineConfig
 from pageant.engine.engine import LLMEngine
 from pageant.engine.exceptions import InvalidRequestError
+from pageant.engine.lora import LoRARequest
 from pageant.engine.outputs import RequestOutput
 from pageant.engine.sampling_params import SamplingParams
 
@@ -39,8 +40,10 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         priority: Sequence[int] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion. ``sampling_params``: one for all or one per prompt."""
+        """Run every prompt to completion. ``sampling_params``: one for all or one per prompt;
+        ``lora_request``: one adapter for all, or one per prompt (None = the base model)."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -58,10 +61,13 @@ class LLM:
         priorities = list(priority) if priority is not None else [0] * len(prompts)
         if len(priorities) != len(prompts):
             raise InvalidRequestError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
+        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise InvalidRequestError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts")
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         try:
-            for rid, prompt, p, prio in zip(ids, prompts, params, priorities):
-                self.engine.add_request(rid, prompt, p, priority=prio)
+            for rid, prompt, p, prio, lora in zip(ids, prompts, params, priorities, loras):
+                self.engine.add_request(rid, prompt, p, priority=prio, lora_request=lora)
         except Exception:
             self.engine.abort_request(ids)
             raise
@@ -88,6 +94,7 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (or a list of them) and generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -95,7 +102,7 @@ class LLM:
             self.engine.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
             for conv in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()

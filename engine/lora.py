@@ -1,4 +1,4 @@
-"""LoRA adapters (a later issue): only the request type exists for now."""
+"""The LoRA request type; adapters themselves live in ``pageant.engine.adapters``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class LoRARequest:
-    """Names a LoRA adapter to apply to a request. Not supported by the engine yet."""
+    """Names a LoRA adapter to apply to a request: a unique name (what clients ask for), a unique
+    positive id, and the PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
 
     lora_name: str
     lora_int_id: int
