@@ -56,15 +56,19 @@ def promtool() -> str:
     return found
 
 
-def dashboard_module():
-    """charts/pageant/tools/dashboards.py (not a package: loaded by path)."""
+def load_tool(name: str):
+    """A module of charts/pageant/tools/ (not a package: loaded by path)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("pageant_chart_dashboards", CHART / "tools" / "dashboards.py")
+    spec = importlib.util.spec_from_file_location(f"pageant_chart_tools_{name}", CHART / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def dashboard_module():
+    return load_tool("dashboards")
 
 
 def load_dashboards() -> dict[str, dict]:
@@ -101,6 +105,6 @@ def obs():
 
     return types.SimpleNamespace(
         ROOT=ROOT, CHART=CHART, render_chart=render_chart, rule_groups=rule_groups,
-        dashboard_module=dashboard_module, load_dashboards=load_dashboards, dashboard_queries=dashboard_queries,
+        dashboard_module=dashboard_module, load_tool=load_tool, load_dashboards=load_dashboards, dashboard_queries=dashboard_queries,
         variable_queries=variable_queries, substitute=substitute,
     )

@@ -1,0 +1,361 @@
+"""The dashboards, alerts and autoscaling query against a real Prometheus scraping real engines.
+
+One module-scoped stack: two `pageant serve` processes on a tiny checkpoint ("tiny-chat", and
+"tiny-spare" which is stopped to play a dead replica), and Debian's `prometheus` scraping them
+every second with the chart's rules loaded (thresholds lowered so that they fire under load). A
+load generator (the real `openai` client, plus a few invalid requests) overloads tiny-chat. Then:
+every dashboard query and every alert expression returns data with the labels its legend or
+annotations use; Prometheus evaluates every rule without error; the query the operator renders for
+KEDA reports the engine's waiting requests (> 0 under overload, 0 when idle); and
+tools/render_dashboards.py draws every dashboard from that Prometheus.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+LOAD_SECONDS = 20
+NAMESPACE = "ml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def _wait(url: str, procs: list[subprocess.Popen], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _get(url, 2)[0] == 200:
+            return
+        for p in procs:
+            assert p.poll() is None, f"{what} exited with {p.returncode}"
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not ready after {timeout}s ({url})")
+
+
+class Prom:
+    """A tiny client of the Prometheus HTTP API."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def api(self, path: str, **params) -> dict:
+        status, body = _get(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}", 30)
+        data = json.loads(body)
+        assert status == 200 and data["status"] == "success", (path, params, body[:500])
+        return data["data"]
+
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        return self.api("query", **params)["result"]
+
+    def scalar(self, expr: str, at: float | None = None) -> float | None:
+        result = self.query(expr, at)
+        assert len(result) <= 1, result
+        return float(result[0]["value"][1]) if result else None
+
+
+def _engine_metric(port: int, name: str, model: str) -> float:
+    _, text = _get(f"http://127.0.0.1:{port}/metrics")
+    m = re.search(rf'^{re.escape(name)}\{{model_name="{model}"\}} (\S+)$', text, re.M)
+    assert m, f"{name} not in the engine's /metrics"
+    return float(m.group(1))
+
+
+def _start_engine(ckpt: pathlib.Path, name: str, port: int, log: pathlib.Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pageant.cli", "serve", "--model", str(ckpt), "--served-model-name", name,
+           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32", "--seed", "0",
+           "--max-num-seqs", "2", "--max-queued-requests", "256", "--num-kv-blocks", "32", "--block-size", "16",
+           "--enable-prefix-caching", "--disable-log-requests", "--uvicorn-log-level", "warning",
+           "--shutdown-timeout", "5"]
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _keda_queries(tmp: pathlib.Path, prometheus_url: str) -> dict[str, str]:
+    """The PromQL the operator puts into the ScaledObject for tiny-chat, per autoscaling signal."""
+    queries = {}
+    for metric in ("WaitingRequests", "RunningRequests", "KVCacheUsage"):
+        isvc = {"apiVersion": "pageant.dev/v1alpha1", "kind": "InferenceService",
+                "metadata": {"name": "tiny-chat", "namespace": NAMESPACE},
+                "spec": {"model": {"name": "tiny-chat", "pvc": {"claimName": "models", "path": "tiny"}},
+                         "autoscaling": {"provider": "keda", "minReplicas": 1, "maxReplicas": 3, "metric": metric,
+                                         "target": 2, "prometheusAddress": prometheus_url}}}
+        path = tmp / f"isvc-{metric}.yaml"
+        path.write_text(yaml.safe_dump(isvc))
+        out = subprocess.run([sys.executable, "-m", "pageant.cli", "operator", "render", "-f", str(path)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        (so,) = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "ScaledObject"]
+        queries[metric] = so["spec"]["triggers"][0]["metadata"]["query"]
+    return queries
+
+
+def _load(base_url: str, stop_at: float, prompts: list[str]) -> dict[str, int]:
+    """Closed-loop load from 12 workers with the openai client, plus invalid requests; returns counts."""
+    import httpx
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    counts = {"ok": 0, "rejected": 0}
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        n = 0
+        while time.monotonic() < stop_at:
+            n += 1
+            prompt = prompts[(i + n) % len(prompts)]
+            if i == 0 and n % 3 == 0:  # invalid input: a 4xx that the engine counts as a failure
+                r = httpx.post(f"{base_url}/v1/completions", json={"model": "tiny-chat", "prompt": "x",
+                                                                   "max_tokens": -1}, timeout=30)
+                assert 400 <= r.status_code < 500, r.text
+                with lock:
+                    counts["rejected"] += 1
+                continue
+            if n % 2:
+                stream = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=40, stream=True,
+                                                   temperature=0.8, seed=n)
+                for _ in stream:
+                    pass
+            else:
+                client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=40, temperature=0.8, seed=n)
+            with lock:
+                counts["ok"] += 1
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        for f in [pool.submit(worker, i) for i in range(12)]:
+            f.result()
+    return counts
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, obs):
+    """Run the whole scenario once; tests assert on what it recorded."""
+    prometheus = shutil.which("prometheus")
+    assert prometheus, "prometheus not found: apt-get install prometheus (CI does)"
+    from pageant.engine.testing import build_checkpoint
+
+    tmp = tmp_path_factory.mktemp("live")
+    ckpt = build_checkpoint(tmp / "ckpt")
+    chat_port, spare_port, prom_port = _free_port(), _free_port(), _free_port()
+    procs: list[subprocess.Popen] = []
+    try:
+        chat = _start_engine(ckpt, "tiny-chat", chat_port, tmp / "chat.log")
+        spare = _start_engine(ckpt, "tiny-spare", spare_port, tmp / "spare.log")
+        procs += [chat, spare]
+
+        # The chart's rules with thresholds at zero and no `for`, so they fire under this load.
+        zero = {"for": "0s"}
+        groups = obs.rule_groups(
+            "prometheusRule.alerts.kvCacheSaturated=" + json.dumps({"enabled": True, "threshold": 0, "severity": "warning", **zero}),
+            "prometheusRule.alerts.queueGrowing=" + json.dumps({"enabled": True, "threshold": 0, "window": "5m", "severity": "warning", **zero}),
+            "prometheusRule.alerts.ttftHigh=" + json.dumps({"enabled": True, "thresholdSeconds": 0, "window": "1m", "severity": "warning", **zero}),
+            "prometheusRule.alerts.noReadyReplicas=" + json.dumps({"enabled": True, "lookback": "1h", "severity": "critical", **zero}),
+        )
+        (tmp / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+        target = lambda port, name: {"targets": [f"127.0.0.1:{port}"], "labels": {  # noqa: E731
+            "namespace": NAMESPACE, "pod": f"{name}-5d8c7b9f4-x2x9k", "pageant_dev_inferenceservice": name}}
+        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "900ms"},
+                  "rule_files": [str(tmp / "rules.yaml")],
+                  "scrape_configs": [{"job_name": "pageant-engines",
+                                      "static_configs": [target(chat_port, "tiny-chat"), target(spare_port, "tiny-spare")]}]}
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+        prom_proc = subprocess.Popen([prometheus, f"--config.file={tmp / 'prometheus.yml'}",
+                                      f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}",
+                                      "--log.level=warn"], stdout=(tmp / "prometheus.log").open("w"), stderr=subprocess.STDOUT)
+        procs.append(prom_proc)
+        prom = Prom(f"http://127.0.0.1:{prom_port}")
+        _wait(f"{prom.url}/-/ready", [prom_proc], 60, "prometheus")
+        _wait(f"http://127.0.0.1:{chat_port}/ready", [chat, spare], 180, "pageant serve tiny-chat")
+        _wait(f"http://127.0.0.1:{spare_port}/ready", [chat, spare], 180, "pageant serve tiny-spare")
+        deadline = time.monotonic() + 30
+        while prom.scalar("sum(up)") != 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert prom.scalar("sum(up)") == 2, "Prometheus does not scrape both engines"
+
+        keda = _keda_queries(tmp, prom.url)
+        rec: dict = {"prom": prom, "tmp": tmp, "keda": keda, "chat_port": chat_port}
+        time.sleep(2)
+        rec["idle_before"] = (prom.scalar(keda["WaitingRequests"]),
+                              _engine_metric(chat_port, "vllm:num_requests_waiting", "tiny-chat"))
+
+        _stop(spare)  # a replica that served and died: its target stays, with up == 0
+
+        prompts = [("You are a helpful assistant. " * 6) + q for q in
+                   ("Tell me about Python.", "What is a list?", "Explain dictionaries.", "How do loops work?")]
+        start = time.time()
+        rec["load_start"] = start
+        samples: list[tuple[float, float | None, float]] = []
+        stop_at = time.monotonic() + LOAD_SECONDS
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            load = pool.submit(_load, f"http://127.0.0.1:{chat_port}", stop_at, prompts)
+            while not load.done():
+                samples.append((time.time(), prom.scalar(keda["WaitingRequests"]),
+                                _engine_metric(chat_port, "vllm:num_requests_waiting", "tiny-chat")))
+                if time.monotonic() < stop_at - 3:
+                    rec["overload_time"] = time.time()
+                time.sleep(1)
+            rec["counts"] = load.result()
+        rec["samples"] = samples
+        rec["load_end"] = time.time()
+        rec["at"] = min(rec["overload_time"], rec["load_end"] - 3)  # a moment under full load
+
+        time.sleep(4)  # scrapes of the idle engine
+        rec["idle_after"] = (prom.scalar(keda["WaitingRequests"]),
+                             _engine_metric(chat_port, "vllm:num_requests_waiting", "tiny-chat"))
+        rec["keda_at_load"] = {m: prom.scalar(q, rec["at"]) for m, q in keda.items()}
+        rec["rules"] = prom.api("rules")["groups"]
+        rec["alerts_at_load"] = prom.query('ALERTS{alertstate="firing"}', rec["at"])
+        rec["cache_config"] = prom.query('vllm:cache_config_info{model_name="tiny-chat"}')
+        yield rec
+    finally:
+        for p in procs:
+            _stop(p)
+
+
+# Labels that are empty (so absent in Prometheus) when no adapter has requests.
+MAY_BE_EMPTY = {"running_lora_adapters", "waiting_lora_adapters"}
+
+
+def _legend_labels(fmt: str) -> set[str]:
+    return set(re.findall(r"\{\{\s*(\w+)\s*\}\}", fmt)) - MAY_BE_EMPTY
+
+
+def test_dashboard_queries_return_data(live, obs):
+    prom, at = live["prom"], live["at"]
+    prefix_caching = live["cache_config"][0]["metric"].get("enable_prefix_caching") == "True"
+    empty, bad = [], []
+    for name, dash in obs.load_dashboards().items():
+        if name == "operator":
+            continue  # see test_operator_dashboard_queries
+        for panel in dash["panels"]:
+            for target in panel.get("targets", []):
+                expr = obs.substitute(target["expr"], "15s")
+                result = prom.query(expr, at)
+                if not result:
+                    empty.append(f"{panel['title']}: {expr}")
+                    continue
+                for series in result:
+                    missing = _legend_labels(target["legendFormat"]) - set(series["metric"])
+                    if missing:
+                        bad.append(f"{panel['title']}: no labels {missing} in {series['metric']}")
+                    value = float(series["value"][1])
+                    if not math.isfinite(value) and not (panel["title"] == "Prefix-cache hit rate" and not prefix_caching):
+                        bad.append(f"{panel['title']}: {value} for {series['metric']}")
+                assert any(s["metric"].get("model_name") == "tiny-chat" for s in result) or "model_name" not in expr
+    assert not empty, "queries without data:\n" + "\n".join(empty)
+    assert not bad, "\n".join(bad)
+
+
+def test_dashboard_variables_list_the_service(live, obs):
+    dash = obs.load_dashboards()["engine"]
+    for title, expr in obs.variable_queries(dash):
+        values = {next(iter(s["metric"].values()), None) for s in live["prom"].query(obs.substitute(expr), live["at"])}
+        assert values & {NAMESPACE, "tiny-chat"}, (title, values)
+
+
+def test_load_really_overloaded_the_engine(live):
+    assert live["counts"]["ok"] >= 12 and live["counts"]["rejected"] >= 1, live["counts"]
+    prom, at = live["prom"], live["at"]
+    failures = prom.query('sum by (reason) (vllm:request_failure_total{model_name="tiny-chat"})', at)
+    assert failures and sum(float(s["value"][1]) for s in failures) >= 1
+
+
+def test_keda_query_reports_the_engines_waiting_requests(live):
+    """The operator's ScaledObject query: > 0 while overloaded, 0 when idle, as the engine says."""
+    assert live["keda"]["WaitingRequests"].startswith("sum(vllm:num_requests_waiting{")
+    assert live["idle_before"] == (0.0, 0.0)
+    assert live["idle_after"] == (0.0, 0.0)
+    under_load = [(p, e) for _, p, e in live["samples"] if p is not None]
+    assert max(p for p, _ in under_load) > 0 and max(e for _, e in under_load) > 0, live["samples"]
+    # What Prometheus answers is what the engine reported at its last scrape: its values are values
+    # the engine's /metrics showed (integers within the engine's range), and they move together.
+    assert all(float(p).is_integer() and 0 <= p <= 256 for p, _ in under_load)
+    assert max(p for p, _ in under_load) <= max(e for _, e in under_load) + 12
+    for metric, value in live["keda_at_load"].items():
+        assert value is not None and value > 0, (metric, value, live["keda"][metric])
+
+
+def test_keda_query_equals_the_engine_sample(live):
+    """At a scrape's timestamp Prometheus returns exactly the engine's sample."""
+    prom = live["prom"]
+    raw = prom.api("query", query=f'vllm:num_requests_waiting{{model_name="tiny-chat"}}[{LOAD_SECONDS + 20}s]',
+                   time=f"{live['load_end'] + 4:.3f}")["result"]
+    (series,) = raw
+    assert max(float(v) for _, v in series["values"]) > 0
+    for ts, value in series["values"][-20:]:
+        assert prom.scalar(live["keda"]["WaitingRequests"], float(ts)) == float(value)
+
+
+def test_every_alert_expression_returns_data_under_load(live, obs):
+    prom, at = live["prom"], live["at"]
+    expected = {"PageantKVCacheSaturated": "tiny-chat", "PageantQueueGrowing": "tiny-chat",
+                "PageantTimeToFirstTokenHigh": "tiny-chat", "PageantNoReadyReplicas": "tiny-spare"}
+    rules = {r["name"]: r for g in live["rules"] for r in g["rules"]}
+    for alert, model in expected.items():
+        result = prom.query(rules[alert]["query"], at)
+        assert result, f"{alert}: no data for {rules[alert]['query']}"
+        assert {(s["metric"].get("namespace"), s["metric"].get("model_name")) for s in result} == {(NAMESPACE, model)}
+    firing = {(a["metric"]["alertname"], a["metric"].get("model_name")) for a in live["alerts_at_load"]}
+    assert {(a, m) for a, m in expected.items()} <= firing, firing
+    # No operator is scraped here: its "down" alert is what fires for it.
+    assert prom.query(rules["PageantOperatorDown"]["query"], at)
+
+
+def test_prometheus_evaluates_every_rule_without_error(live):
+    rules = [r for g in live["rules"] for r in g["rules"]]
+    assert len(rules) == 6
+    for rule in rules:
+        assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+
+
+def test_render_dashboards_to_png(live, obs):
+    module = obs.load_tool("render_dashboards")
+    out = live["tmp"] / "png"
+    code = module.main(["--prometheus", live["prom"].url, "--end", f"{live['load_end'] + 4:.0f}",
+                        "--last", f"{LOAD_SECONDS + 40}", "--step", "1", "--rate-interval", "15s",
+                        "--dashboard", "engine", "--out", str(out)])
+    assert code == 0
+    png = out / "dashboard-engine.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 50_000
