@@ -160,12 +160,13 @@ def prefill_attention(
     query = last_dim_contiguous(query)
     group = num_heads // num_kv_heads
     block_d = pow2_at_least(head_dim, 16)
+    small_tiles = block_d > 128 or query.dtype == torch.float32  # keeps sm_90 free of register spills
     if block_m is None:
-        block_m = 64 if block_d <= 128 else 32
+        block_m = 32 if small_tiles else 64
     block_m = pow2_at_least(group, block_m)  # at least one token's whole group per program
     block_q = block_m // group
     if block_n is None:
-        block_n = 64 if block_d <= 128 else 32
+        block_n = 32 if small_tiles else 64
     if num_warps is None:
         num_warps = 4 if block_m * block_d <= 64 * 128 else 8
     precision, upcast = dot_settings(query.dtype)
