@@ -156,3 +156,26 @@ def test_bad_adapters_refused(setup, make_adapter, adapter_root, tmp_path):
     with pytest.raises(InvalidRequestError, match="not enabled"):
         plain.generate([p], SP, lora_request=requests["all"], use_tqdm=False)
     assert plain.stats()["max_lora"] == 0
+
+
+def test_scheduler_caps_distinct_adapters_per_batch(setup):
+    """With max_loras=2, a request for a third adapter waits while two are running, and requests
+    queued behind it (base model, running adapters) are not held up by it."""
+    base, _, requests, ps, expected = setup
+    engine = LLM(model=base, enable_lora=True, max_loras=2, max_lora_rank=8).engine
+    order = ["all", "qv", "rs", None, "all"]
+    for i, name in enumerate(order):
+        engine.add_request(f"r{i}", {"prompt_token_ids": ps[i]}, SP,
+                           lora_request=None if name is None else requests[name])
+    engine.step()
+    running = {s.request_id for s in engine.scheduler.running}
+    assert running == {"r0", "r1", "r3", "r4"}  # r2 ("rs") skipped, r3 and r4 went ahead of it
+    assert engine.stats()["running_lora_adapters"] == ["all", "qv"]
+    assert engine.stats()["waiting_lora_adapters"] == ["rs"]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        assert len({s.request.lora_name for s in engine.scheduler.running} - {None}) <= 2
+    assert [done[f"r{i}"] for i in range(len(order))] == [expected[n][i] for i, n in enumerate(order)]
