@@ -131,6 +131,7 @@ def tune_decode(torch, timer, attention_decode, args, dtype, copy_bw, tqdm, devi
     gen = torch.Generator(device=device).manual_seed(1)
     elem = torch.empty((), dtype=dtype).element_size()
     rows = []
+    default_bn = 64 if args.head_dim <= 128 and dtype != torch.float32 else 32  # decode_attention's choice
     for batch, context in tqdm(points, desc="tune"):
         q, kc, vc, bt, sl, _, _ = make_decode_inputs(torch, batch, context, args, dtype, gen, device)
         ref = attention_decode.decode_attention(q, kc, vc, bt, sl, 0.1)
@@ -150,14 +151,22 @@ def tune_decode(torch, timer, attention_decode, args, dtype, copy_bw, tqdm, devi
                     continue
                 rows.append({"batch": batch, "context": context, "block_n": bn, "num_warps": w, "num_stages": s,
                              "num_splits": splits, "us": ms * 1e3, "bw_frac": nbytes / (ms * 1e-3) / copy_bw,
-                             "rel_error": err, "default": (bn, w, s, splits) == (64, 4, 2, base)})
+                             "rel_error": err, "default": (bn, w, s, splits) == (default_bn, 4, 2, base)})
         del q, kc, vc, bt, sl
         torch.cuda.empty_cache()
     return rows
 
 
-def bench_prefill(torch, timer, F, attention_prefill, args, dtype, tqdm, device, points):
-    """Causal prompts with no cached prefix: TFLOP/s (causal: half the full matrix products)."""
+PREFILL_POINTS = [(1, 512), (1, 2048), (1, 8192), (4, 2048), (16, 1024)]
+# block_m, block_n, warps, stages; None = the wrapper's defaults
+PREFILL_CONFIGS = [None] + [(m, n, w, s) for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+
+
+def bench_prefill(torch, timer, F, attention_prefill, args, dtype, tqdm, device, points, configs=(None,)):
+    """Causal prompts with no cached prefix: TFLOP/s (causal: half the full matrix products).
+
+    One row per (point, launch config); ``config`` None is the wrapper's default choice.
+    """
     rows = []
     gen = torch.Generator(device=device).manual_seed(2)
     scale = 1.0 / math.sqrt(args.head_dim)
@@ -169,14 +178,21 @@ def bench_prefill(torch, timer, F, attention_prefill, args, dtype, tqdm, device,
         sl = torch.full((batch,), length, device=device, dtype=torch.int32)
         q4 = query.view(batch, length, args.num_heads, args.head_dim).transpose(1, 2)  # [b, h, t, d]
         sdpa = lambda: F.scaled_dot_product_attention(q4, k, v, is_causal=True, scale=scale, enable_gqa=True)  # noqa: E731
-        tri = lambda: attention_prefill.prefill_attention(query, kc, vc, bt, qsl, sl, scale)  # noqa: E731
         ref = sdpa().transpose(1, 2).reshape(batch * length, args.num_heads, args.head_dim)
-        err = rel_error(tri(), ref)
         flops = 4 * batch * args.num_heads * args.head_dim * length * length / 2
-        t_tri, t_sdpa = timer(tri), timer(sdpa)
-        rows.append({"batch": batch, "length": length, "rel_error_vs_sdpa": err, "triton_us": t_tri * 1e3,
-                     "sdpa_us": t_sdpa * 1e3, "triton_tflops": flops / (t_tri * 1e-3) / 1e12,
-                     "sdpa_tflops": flops / (t_sdpa * 1e-3) / 1e12})
+        t_sdpa = timer(sdpa)
+        for config in configs:
+            knobs = {} if config is None else dict(zip(("block_m", "block_n", "num_warps", "num_stages"), config))
+            tri = lambda: attention_prefill.prefill_attention(query, kc, vc, bt, qsl, sl, scale, **knobs)  # noqa: E731
+            row = {"batch": batch, "length": length, "config": config, "sdpa_us": t_sdpa * 1e3,
+                   "sdpa_tflops": flops / (t_sdpa * 1e-3) / 1e12}
+            try:
+                row["rel_error_vs_sdpa"] = rel_error(tri(), ref)
+                t_tri = timer(tri)
+            except Exception as e:  # a config the compiler rejects (e.g. out of shared memory)
+                rows.append(row | {"error": str(e)[:200]})
+                continue
+            rows.append(row | {"triton_us": t_tri * 1e3, "triton_tflops": flops / (t_tri * 1e-3) / 1e12})
         del query, kc, vc, bt, k, v, ref
         torch.cuda.empty_cache()
     return rows
@@ -203,6 +219,36 @@ def plot(rows, path, title):
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def print_summary(result: dict) -> None:
+    """The short table printed last (the full numbers are in the JSON)."""
+    print(f"\n{'batch':>5} {'ctx':>5} {'splits':>6} {'triton us':>10} {'bw frac':>7} {'sdpa us':>9} {'bw frac':>7} {'err':>8}")
+    for r in result["decode"]:
+        print(f"{r['batch']:>5} {r['context']:>5} {r['num_splits']:>6} {r['triton_us']:>10.1f} {r['triton_bw_frac']:>7.2f}"
+              f" {r['sdpa_us']:>9.1f} {r['sdpa_bw_frac']:>7.2f} {r['rel_error_vs_sdpa']:>8.1e}")
+    if result.get("tune"):
+        print("\nbest launch settings per point (block_n, warps, stages, splits):")
+        for batch, context in sorted({(r["batch"], r["context"]) for r in result["tune"]}):
+            ok = [r for r in result["tune"] if (r["batch"], r["context"]) == (batch, context) and "us" in r]
+            best = min(ok, key=lambda r: r["us"], default=None)
+            default = next((r for r in ok if r["default"]), None)
+            if best is None:
+                print(f"  batch {batch} ctx {context}: every setting failed")
+                continue
+            print(f"  batch {batch} ctx {context}: best {best['block_n']},{best['num_warps']},{best['num_stages']},"
+                  f"{best['num_splits']} {best['us']:.1f} us ({best['bw_frac']:.2f})"
+                  + (f"; default {default['us']:.1f} us ({default['bw_frac']:.2f})" if default else ""))
+    for batch, length in sorted({(r["batch"], r["length"]) for r in result.get("prefill", [])}):
+        ok = [r for r in result["prefill"] if (r["batch"], r["length"]) == (batch, length) and "triton_us" in r]
+        default = next((r for r in ok if r["config"] is None), None)
+        best = max(ok, key=lambda r: r["triton_tflops"], default=None)
+        if default is None or best is None:
+            print(f"prefill batch {batch} len {length}: failed")
+            continue
+        print(f"prefill batch {batch} len {length}: triton {default['triton_tflops']:.0f} TFLOP/s"
+              f" (best {best['triton_tflops']:.0f} with {best['config'] or 'defaults'}),"
+              f" sdpa {default['sdpa_tflops']:.0f} TFLOP/s, err {default['rel_error_vs_sdpa']:.1e}")
 
 
 def main(argv=None) -> int:
@@ -240,8 +286,8 @@ def main(argv=None) -> int:
         result["tune"] = tune_decode(torch, timer, attention_decode, args, dtype, copy_bw, tqdm, "cuda", num_sms,
                                      TUNE_POINTS, TUNE_CONFIGS)
     if args.prefill:
-        prefill_points = [(1, 512), (1, 2048), (1, 8192), (4, 2048), (16, 1024)]
-        result["prefill"] = bench_prefill(torch, timer, F, attention_prefill, args, dtype, tqdm, "cuda", prefill_points)
+        result["prefill"] = bench_prefill(torch, timer, F, attention_prefill, args, dtype, tqdm, "cuda", PREFILL_POINTS,
+                                          PREFILL_CONFIGS if args.tune else (None,))
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -249,22 +295,7 @@ def main(argv=None) -> int:
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     plot(result["decode"], out / f"{stem}.png", f"paged decode attention, {device}, {args.dtype}")
 
-    print(f"\n{'batch':>5} {'ctx':>5} {'splits':>6} {'triton us':>10} {'bw frac':>7} {'sdpa us':>9} {'bw frac':>7} {'err':>8}")
-    for r in result["decode"]:
-        print(f"{r['batch']:>5} {r['context']:>5} {r['num_splits']:>6} {r['triton_us']:>10.1f} {r['triton_bw_frac']:>7.2f}"
-              f" {r['sdpa_us']:>9.1f} {r['sdpa_bw_frac']:>7.2f} {r['rel_error_vs_sdpa']:>8.1e}")
-    if args.tune:
-        print("\nbest launch settings per point (block_n, warps, stages, splits):")
-        for batch, context in sorted({(r["batch"], r["context"]) for r in result["tune"]}):
-            ok = [r for r in result["tune"] if (r["batch"], r["context"]) == (batch, context) and "us" in r]
-            best = min(ok, key=lambda r: r["us"])
-            default = next((r for r in ok if r["default"]), None)
-            print(f"  batch {batch} ctx {context}: best {best['block_n']},{best['num_warps']},{best['num_stages']},"
-                  f"{best['num_splits']} {best['us']:.1f} us ({best['bw_frac']:.2f})"
-                  + (f"; default {default['us']:.1f} us ({default['bw_frac']:.2f})" if default else ""))
-    for r in result.get("prefill", []):
-        print(f"prefill batch {r['batch']} len {r['length']}: triton {r['triton_tflops']:.0f} TFLOP/s,"
-              f" sdpa {r['sdpa_tflops']:.0f} TFLOP/s, err {r['rel_error_vs_sdpa']:.1e}")
+    print_summary(result)
     print(f"\nwrote {out / stem}.json and .png")
     return 0
 

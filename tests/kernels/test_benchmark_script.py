@@ -42,7 +42,7 @@ def test_exits_with_a_message_without_a_gpu():
     assert "needs a CUDA GPU" in out.stderr
 
 
-def test_measuring_code_on_tiny_shapes(tmp_path):
+def test_measuring_code_on_tiny_shapes(tmp_path, capsys):
     bench = _load()
     args = argparse.Namespace(num_heads=4, num_kv_heads=2, head_dim=16, block_size=8, dtype="float32")
     no_bar = lambda it, desc: it  # noqa: E731
@@ -53,7 +53,11 @@ def test_measuring_code_on_tiny_shapes(tmp_path):
     tune = bench.tune_decode(torch, _timer, attention_decode, args, torch.float32, 1e9, no_bar, "cpu", 4,
                              [(1, 40)], [(16, 4, 2)])
     assert tune and all(r["rel_error"] < 1e-5 for r in tune)
-    prefill = bench.bench_prefill(torch, _timer, F, attention_prefill, args, torch.float32, no_bar, "cpu", [(2, 12)])
-    assert prefill[0]["rel_error_vs_sdpa"] < 1e-5
+    prefill = bench.bench_prefill(torch, _timer, F, attention_prefill, args, torch.float32, no_bar, "cpu", [(2, 12)],
+                                  [None, (16, 16, 4, 2)])
+    assert len(prefill) == 2 and all(r["rel_error_vs_sdpa"] < 1e-5 and "triton_us" in r for r in prefill)
+    bench.print_summary({"decode": rows, "tune": tune, "prefill": prefill})
     bench.plot(rows, tmp_path / "plot.png", "test")
     assert (tmp_path / "plot.png").stat().st_size > 0
+    summary = capsys.readouterr().out
+    assert "best launch settings" in summary and "prefill batch 2 len 12" in summary
