@@ -1,8 +1,10 @@
 """The dashboards, alerts and autoscaling query against a real Prometheus scraping real engines.
 
 One module-scoped stack: two `pageant serve` processes on a tiny checkpoint ("tiny-chat", and
-"tiny-spare" which is stopped to play a dead replica), and Debian's `prometheus` scraping them
-every second with the chart's rules loaded (thresholds lowered so that they fire under load). A
+"tiny-spare" which is stopped to play a dead replica), the operator's metrics endpoint (its real
+OperatorMetrics registry served as `pageant operator run` serves it, fed with reconciliations the
+way pageant.operator.operations records them: no cluster here, so no real kopf loop), and Debian's
+`prometheus` scraping them every second with the chart's rules loaded (thresholds lowered so that they fire under load). A
 load generator (the real `openai` client, plus a few invalid requests) overloads tiny-chat. Then:
 every dashboard query and every alert expression returns data with the labels its legend or
 annotations use; Prometheus evaluates every rule without error; the query the operator renders for
@@ -112,6 +114,29 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(5)
 
 
+OPERATOR_FEEDER = """
+import random, sys, time
+from prometheus_client import start_http_server
+from pageant.operator.metrics import OperatorMetrics
+
+m = OperatorMetrics()
+start_http_server(int(sys.argv[1]), addr="127.0.0.1", registry=m.registry)
+m.track("ml", "tiny-chat", True)
+m.track("ml", "tiny-spare", True)
+rng = random.Random(0)
+while True:
+    for handler in ("create", "update", "resync", "resync", "resync"):
+        with m.timed(handler):
+            time.sleep(rng.uniform(0.005, 0.05))
+        if handler == "resync" and rng.random() < 0.2:
+            m.reconciliations.labels(handler, "retry").inc()
+            m.errors.labels(handler, "api_error").inc()
+        else:
+            m.reconciliations.labels(handler, "success").inc()
+    time.sleep(0.2)
+"""
+
+
 def _keda_queries(tmp: pathlib.Path, prometheus_url: str) -> dict[str, str]:
     """The PromQL the operator puts into the ScaledObject for tiny-chat, per autoscaling signal."""
     queries = {}
@@ -184,6 +209,10 @@ def live(tmp_path_factory, obs):
         chat = _start_engine(ckpt, "tiny-chat", chat_port, tmp / "chat.log")
         spare = _start_engine(ckpt, "tiny-spare", spare_port, tmp / "spare.log")
         procs += [chat, spare]
+        op_port = _free_port()
+        operator = subprocess.Popen([sys.executable, "-c", OPERATOR_FEEDER, str(op_port)],
+                                    stdout=(tmp / "operator.log").open("w"), stderr=subprocess.STDOUT)
+        procs.append(operator)
 
         # The chart's rules with thresholds at zero and no `for`, so they fire under this load.
         zero = {"for": "0s"}
@@ -192,14 +221,21 @@ def live(tmp_path_factory, obs):
             "prometheusRule.alerts.queueGrowing=" + json.dumps({"enabled": True, "threshold": 0, "window": "5m", "severity": "warning", **zero}),
             "prometheusRule.alerts.ttftHigh=" + json.dumps({"enabled": True, "thresholdSeconds": 0, "window": "1m", "severity": "warning", **zero}),
             "prometheusRule.alerts.noReadyReplicas=" + json.dumps({"enabled": True, "lookback": "1h", "severity": "critical", **zero}),
+            "prometheusRule.alerts.operatorReconcileErrors=" + json.dumps({"enabled": True, "threshold": 0, "window": "1m", "severity": "warning", **zero}),
         )
         (tmp / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
         target = lambda port, name: {"targets": [f"127.0.0.1:{port}"], "labels": {  # noqa: E731
             "namespace": NAMESPACE, "pod": f"{name}-5d8c7b9f4-x2x9k", "pageant_dev_inferenceservice": name}}
         config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "900ms"},
                   "rule_files": [str(tmp / "rules.yaml")],
-                  "scrape_configs": [{"job_name": "pageant-engines",
-                                      "static_configs": [target(chat_port, "tiny-chat"), target(spare_port, "tiny-spare")]}]}
+                  "scrape_configs": [
+                      {"job_name": "pageant-engines",
+                       "static_configs": [target(chat_port, "tiny-chat"), target(spare_port, "tiny-spare")]},
+                      # The job and namespace a ServiceMonitor of release "pt" in pageant-system gives.
+                      {"job_name": "pt-pageant-operator-metrics", "static_configs": [{
+                          "targets": [f"127.0.0.1:{op_port}"],
+                          "labels": {"namespace": "pageant-system", "pod": "pt-pageant-operator-6f7d8-abcde"}}]},
+                  ]}
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         prom_proc = subprocess.Popen([prometheus, f"--config.file={tmp / 'prometheus.yml'}",
                                       f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}",
@@ -210,9 +246,9 @@ def live(tmp_path_factory, obs):
         _wait(f"http://127.0.0.1:{chat_port}/ready", [chat, spare], 180, "pageant serve tiny-chat")
         _wait(f"http://127.0.0.1:{spare_port}/ready", [chat, spare], 180, "pageant serve tiny-spare")
         deadline = time.monotonic() + 30
-        while prom.scalar("sum(up)") != 2 and time.monotonic() < deadline:
+        while prom.scalar("sum(up)") != 3 and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert prom.scalar("sum(up)") == 2, "Prometheus does not scrape both engines"
+        assert prom.scalar("sum(up)") == 3, "Prometheus does not scrape both engines and the operator"
 
         keda = _keda_queries(tmp, prom.url)
         rec: dict = {"prom": prom, "tmp": tmp, "keda": keda, "chat_port": chat_port}
@@ -267,8 +303,6 @@ def test_dashboard_queries_return_data(live, obs):
     prefix_caching = live["cache_config"][0]["metric"].get("enable_prefix_caching") == "True"
     empty, bad = [], []
     for name, dash in obs.load_dashboards().items():
-        if name == "operator":
-            continue  # see test_operator_dashboard_queries
         for panel in dash["panels"]:
             for target in panel.get("targets", []):
                 expr = obs.substitute(target["expr"], "15s")
@@ -283,16 +317,18 @@ def test_dashboard_queries_return_data(live, obs):
                     value = float(series["value"][1])
                     if not math.isfinite(value) and not (panel["title"] == "Prefix-cache hit rate" and not prefix_caching):
                         bad.append(f"{panel['title']}: {value} for {series['metric']}")
-                assert any(s["metric"].get("model_name") == "tiny-chat" for s in result) or "model_name" not in expr
+                if "model_name" in expr:
+                    assert any(s["metric"].get("model_name") == "tiny-chat" for s in result), expr
     assert not empty, "queries without data:\n" + "\n".join(empty)
     assert not bad, "\n".join(bad)
 
 
 def test_dashboard_variables_list_the_service(live, obs):
-    dash = obs.load_dashboards()["engine"]
-    for title, expr in obs.variable_queries(dash):
-        values = {next(iter(s["metric"].values()), None) for s in live["prom"].query(obs.substitute(expr), live["at"])}
-        assert values & {NAMESPACE, "tiny-chat"}, (title, values)
+    for name, dash in obs.load_dashboards().items():
+        for title, expr in obs.variable_queries(dash):
+            result = live["prom"].query(obs.substitute(expr), live["at"])
+            values = {next(iter(s["metric"].values()), None) for s in result}
+            assert values & {NAMESPACE, "tiny-chat", "pageant-system"}, (name, title, values)
 
 
 def test_load_really_overloaded_the_engine(live):
@@ -339,8 +375,12 @@ def test_every_alert_expression_returns_data_under_load(live, obs):
         assert {(s["metric"].get("namespace"), s["metric"].get("model_name")) for s in result} == {(NAMESPACE, model)}
     firing = {(a["metric"]["alertname"], a["metric"].get("model_name")) for a in live["alerts_at_load"]}
     assert {(a, m) for a, m in expected.items()} <= firing, firing
-    # No operator is scraped here: its "down" alert is what fires for it.
-    assert prom.query(rules["PageantOperatorDown"]["query"], at)
+    errors = prom.query(rules["PageantOperatorReconcileErrors"]["query"], at)
+    assert {(s["metric"]["namespace"], s["metric"]["handler"], s["metric"]["reason"]) for s in errors} == \
+        {("pageant-system", "resync", "api_error")}
+    # The operator is scraped and up: "down" stays quiet (promtool tests cover it firing).
+    assert not prom.query(rules["PageantOperatorDown"]["query"], at)
+    assert ("PageantOperatorReconcileErrors", None) in firing
 
 
 def test_prometheus_evaluates_every_rule_without_error(live):
@@ -355,7 +395,8 @@ def test_render_dashboards_to_png(live, obs):
     out = live["tmp"] / "png"
     code = module.main(["--prometheus", live["prom"].url, "--end", f"{live['load_end'] + 4:.0f}",
                         "--last", f"{LOAD_SECONDS + 40}", "--step", "1", "--rate-interval", "15s",
-                        "--dashboard", "engine", "--out", str(out)])
+                        "--out", str(out)])
     assert code == 0
-    png = out / "dashboard-engine.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 50_000
+    for name in obs.load_dashboards():
+        png = out / f"dashboard-{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 30_000
