@@ -85,6 +85,7 @@ class KubeClient:
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._discovery: dict[str, tuple[float, set[str]]] = {}
+        self._closed = False
 
     def set_connection(self, connection: Any) -> None:
         if connection != self._connection:
@@ -94,13 +95,15 @@ class KubeClient:
             self._session = None
 
     async def close(self) -> None:
+        """Close for good: later calls fail as Unreachable instead of opening a new session."""
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     def _get_session(self) -> aiohttp.ClientSession:
-        if self._connection is None:
-            raise Unreachable(0, "connect", "-", "not logged in yet")
+        if self._connection is None or self._closed:
+            raise Unreachable(0, "connect", "-", "client closed" if self._closed else "not logged in yet")
         if self._session is None or self._session.closed:
             info = self._connection
             self._session = aiohttp.ClientSession(

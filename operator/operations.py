@@ -35,6 +35,7 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="pageant.dev", key="last-handled-configuration")
     settings.posting.level = logging.WARNING
+    settings.background.instant_exit_timeout = 5.0  # let an in-flight resync finish on shutdown
     settings.networking.request_timeout = config.api_timeout_seconds
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

@@ -25,6 +25,7 @@ class PodClient:
         self.url_template = url_template
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     def base_url(self, pod_ip: str) -> str:
         return self.url_template.format(ip=pod_ip).rstrip("/")
@@ -35,11 +36,14 @@ class PodClient:
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     async def _call(self, method: str, pod_ip: str, path: str, body: Any = None) -> tuple[PodCallResult, Any]:
+        if self._closed:
+            return PodCallResult(False, 0, "client closed"), None
         try:
             async with self._get_session().request(method, self.base_url(pod_ip) + path, json=body) as resp:
                 text = await resp.text()
