@@ -13,7 +13,8 @@ Work split (grid ``[num_q_blocks, num_kv_heads]``, no device sync needed to size
   sequence by binary search over ``query_start_loc``. ``num_tokens // BLOCK_Q + num_seqs`` bounds
   the q-block count; programs past their sequence's last block exit at once.
 - The key loop stops at the last position any row of the block may see (causality), so a
-  program's work grows with its position, never with the full padded length.
+  program's work grows with its position, never with the full padded length; tiles every row sees
+  in full skip the causal and bounds masks, only the diagonal tiles apply them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,46 @@ def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
         else:
             hi = mid
     return lo - 1
+
+
+@triton.jit
+def _attend_tile(
+    q,  # [BLOCK_M, BLOCK_D]
+    acc, m_i, l_i,  # [BLOCK_M, BLOCK_D], [BLOCK_M], [BLOCK_M] float32 running output, max, sum
+    n0, kv_end, q_pos, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt,
+    offs_d, mask_d, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,  # mask keys past each row's position and past kv_end
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One online-softmax step over keys ``n0 .. n0 + BLOCK_N`` read through the block table."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+    mask_n = offs_n < kv_end
+    if CAUSAL:
+        block = tl.load(table + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+    else:
+        block = tl.load(table + offs_n // BLOCK_SIZE).to(tl.int64)
+        kv_mask = (offs_n[:, None] >= 0) & mask_d[None, :]
+    in_block = (offs_n % BLOCK_SIZE).to(tl.int64)
+    k_ptrs = k_base + (block * stride_kb + in_block * stride_kt)[:, None] + offs_d[None, :]
+    v_ptrs = v_base + (block * stride_vb + in_block * stride_vt)[:, None] + offs_d[None, :]
+    if CAUSAL or HEAD_DIM != BLOCK_D:
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(q.dtype)
+    else:
+        k = tl.load(k_ptrs).to(q.dtype)
+        v = tl.load(v_ptrs).to(q.dtype)
+    s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if CAUSAL:
+        s = tl.where(mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
+    # key 0 is visible to every row, so after the first step m_new is finite for each row
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])  # [BLOCK_M, BLOCK_N]
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -96,32 +137,22 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    # keys 0 ..= the block's last query position (and never past the sequence)
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+    # keys every row of the block sees (below its first query's position): no masks needed
+    full_end = (context_len + first_q + 1) // BLOCK_N * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, acc, m_i, l_i, n0, full_end, q_pos, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt,
+            offs_d, mask_d, qk_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, False, PRECISION, UPCAST,
+        )
+    # the diagonal: keys up to the block's last query position (and never past the sequence)
     kv_end = tl.minimum(context_len + first_q + BLOCK_Q, seq_len)
-    for n0 in range(0, kv_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
-        mask_n = offs_n < kv_end
-        block = tl.load(table + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-        in_block = (offs_n % BLOCK_SIZE).to(tl.int64)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(
-            k_cache_ptr + (block * stride_kb + in_block * stride_kt + kv_head * stride_kh)[:, None] + offs_d[None, :],
-            mask=kv_mask, other=0.0,
-        ).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(
-            v_cache_ptr + (block * stride_vb + in_block * stride_vt + kv_head * stride_vh)[:, None] + offs_d[None, :],
-            mask=kv_mask, other=0.0,
-        ).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
-        allowed = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        s = tl.where(allowed, s, float("-inf"))
-        # key 0 is allowed for every row, so after the first step m_new is finite for each row
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])  # [BLOCK_M, BLOCK_N]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
-        m_i = m_new
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, acc, m_i, l_i, n0, kv_end, q_pos, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt,
+            offs_d, mask_d, qk_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, True, PRECISION, UPCAST,
+        )
 
     result = acc / l_i[:, None]
     dst = out_ptr + (token * stride_ot + heads * stride_oh)[:, None] + offs_d[None, :]
