@@ -20,16 +20,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+# Triton picks interpreter or GPU compiler when a kernel is decorated, i.e. when the kernel modules
+# (which import this one first) are imported: what the environment said then is what counts.
+DECORATED_FOR_INTERPRETER = interpreting()
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Raise a clear error instead of a crash deep inside Triton for tensors it cannot reach."""
     device = tensors[0].device
     for t in tensors:
         if t.device != device:
             raise ValueError(f"all tensors must be on one device; got {device} and {t.device}")
-    if device.type != "cuda" and not interpreting():
+    if device.type != "cuda" and not DECORATED_FOR_INTERPRETER:
         raise RuntimeError(
             f"the triton kernels need CUDA tensors (got {device}); on the CPU use the torch "
-            "backend, or set TRITON_INTERPRET=1 before importing pageant.kernels.triton_ops"
+            "backend, or set TRITON_INTERPRET=1 before pageant.kernels.triton_ops is first imported"
         )
 
 
