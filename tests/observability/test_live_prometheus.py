@@ -137,23 +137,27 @@ while True:
 """
 
 
+def _render_autoscaler(tmp: pathlib.Path, provider: str, metric: str, prometheus_url: str) -> dict:
+    """`pageant operator render` of tiny-chat with autoscaling; returns the ScaledObject or HPA."""
+    isvc = {"apiVersion": "pageant.dev/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": "tiny-chat", "namespace": NAMESPACE},
+            "spec": {"model": {"name": "tiny-chat", "pvc": {"claimName": "models", "path": "tiny"}},
+                     "autoscaling": {"provider": provider, "minReplicas": 1, "maxReplicas": 3, "metric": metric,
+                                     "target": 2, "prometheusAddress": prometheus_url}}}
+    path = tmp / f"isvc-{provider}-{metric}.yaml"
+    path.write_text(yaml.safe_dump(isvc))
+    out = subprocess.run([sys.executable, "-m", "pageant.cli", "operator", "render", "-f", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    kind = "ScaledObject" if provider == "keda" else "HorizontalPodAutoscaler"
+    (obj,) = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == kind]
+    return obj
+
+
 def _keda_queries(tmp: pathlib.Path, prometheus_url: str) -> dict[str, str]:
     """The PromQL the operator puts into the ScaledObject for tiny-chat, per autoscaling signal."""
-    queries = {}
-    for metric in ("WaitingRequests", "RunningRequests", "KVCacheUsage"):
-        isvc = {"apiVersion": "pageant.dev/v1alpha1", "kind": "InferenceService",
-                "metadata": {"name": "tiny-chat", "namespace": NAMESPACE},
-                "spec": {"model": {"name": "tiny-chat", "pvc": {"claimName": "models", "path": "tiny"}},
-                         "autoscaling": {"provider": "keda", "minReplicas": 1, "maxReplicas": 3, "metric": metric,
-                                         "target": 2, "prometheusAddress": prometheus_url}}}
-        path = tmp / f"isvc-{metric}.yaml"
-        path.write_text(yaml.safe_dump(isvc))
-        out = subprocess.run([sys.executable, "-m", "pageant.cli", "operator", "render", "-f", str(path)],
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        (so,) = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "ScaledObject"]
-        queries[metric] = so["spec"]["triggers"][0]["metadata"]["query"]
-    return queries
+    return {metric: _render_autoscaler(tmp, "keda", metric, prometheus_url)["spec"]["triggers"][0]["metadata"]["query"]
+            for metric in ("WaitingRequests", "RunningRequests", "KVCacheUsage")}
 
 
 def _load(base_url: str, stop_at: float, prompts: list[str]) -> dict[str, int]:
@@ -362,6 +366,29 @@ def test_keda_query_equals_the_engine_sample(live):
     assert max(float(v) for _, v in series["values"]) > 0
     for ts, value in series["values"][-20:]:
         assert prom.scalar(live["keda"]["WaitingRequests"], float(ts)) == float(value)
+
+
+def test_prometheus_adapter_rule_serves_the_hpa_metric(live, obs):
+    """The README's prometheus-adapter rule, evaluated the way the adapter does, gives the HPA the
+    per-pod metric the operator names, with the engine's value."""
+    readme = (obs.CHART / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "seriesQuery" in b]
+    (rule,) = yaml.safe_load(block)["rules"]["custom"]
+    prom, at = live["prom"], live["at"]
+    series = prom.query(rule["seriesQuery"], at)
+    names = {s["metric"]["__name__"] for s in series}
+    assert {"vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"} <= names
+    for metric, engine_name in (("WaitingRequests", "vllm:num_requests_waiting"),
+                                ("KVCacheUsage", "vllm:kv_cache_usage_perc")):
+        hpa = _render_autoscaler(live["tmp"], "hpa", metric, prom.url)
+        hpa_name = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+        as_ = rule["name"]["as"].replace("${1}", r"\1")
+        assert re.sub(rule["name"]["matches"], as_, engine_name) == hpa_name
+        pod = "tiny-chat-5d8c7b9f4-x2x9k"
+        query = (rule["metricsQuery"].replace("<<.GroupBy>>", "pod").replace("<<.Series>>", engine_name)
+                 .replace("<<.LabelMatchers>>", f'namespace="{NAMESPACE}",pod=~"{pod}"'))
+        (value,) = prom.query(query, at)
+        assert value["metric"] == {"pod": pod} and float(value["value"][1]) > 0, (metric, value)
 
 
 def test_every_alert_expression_returns_data_under_load(live, obs):
