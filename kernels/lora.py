@@ -1,8 +1,8 @@
 """Triton kernels for batched multi-LoRA: shrink (x @ A.T) and expand (y @ B.T, accumulated).
 
 Same signatures as ``pageant.kernels.lora_reference`` (see its docstring for the batch layout).
-Launch grid: ``(token tiles * output tiles, max_loras)``. Program ``(t, s)`` takes the tokens of
-adapter slot ``s`` (from ``LoRAKernelMeta``: tokens grouped by slot once per batch), tile ``t``
+Launch grid: ``(token tiles * output tiles, max_loras)`` (shrink: ``(tiles, split_k, max_loras)``,
+its K loop split across programs). Program ``(t, s)`` takes the tokens of adapter slot ``s`` (from ``LoRAKernelMeta``: tokens grouped by slot once per batch), tile ``t``
 of them and of the output columns; programs of empty slots or past the slot's token count exit at
 once, so the grid needs no host-side knowledge of the batch (no sync, CUDA-graph friendly).
 Accumulation is float32. On the CPU, set ``TRITON_INTERPRET=1`` before importing this module.
@@ -10,6 +10,7 @@ Accumulation is float32. On the CPU, set ``TRITON_INTERPRET=1`` before importing
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -47,16 +48,34 @@ def _block(n: int, floor: int = 16, cap: int = 64) -> int:
     return min(cap, max(floor, triton.next_power_of_2(max(int(n), 1))))
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_k(num_programs: int, num_k_chunks: int, device: torch.device) -> int:
+    """How many programs share one shrink tile's K (in_features) loop.
+
+    Shrink's output is tiny (tokens x rank) while K is the model width, so a decode batch gives
+    only a handful of tiles: splitting K (partial sums atomically added, as vLLM's shrink does)
+    fills the GPU. Aims at about two programs per SM; 1 (no atomics) when tiles suffice.
+    """
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4  # the interpreter: still exercise the split path on wide inputs
+    return max(1, min(num_k_chunks, (2 * sms) // max(num_programs, 1)))
+
+
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr, a_ptr, out_ptr, sorted_ptr, counts_ptr, starts_ptr,
     N, K, scale,
     stride_xm, stride_xk, stride_as, stride_an, stride_ak, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    slot = tl.program_id(1)
+    pid_k = tl.program_id(1)  # split-K: this program sums K chunks pid_k, pid_k + SPLIT_K, ...
+    slot = tl.program_id(2)
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_n
     pid_n = pid % num_n
@@ -71,7 +90,7 @@ def _lora_shrink_kernel(
     mask_n = offs_n < N
     a_base = a_ptr + slot.to(tl.int64) * stride_as
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(
@@ -88,10 +107,11 @@ def _lora_shrink_kernel(
         else:
             acc += tl.dot(x, a, input_precision=PRECISION)
     acc = acc * scale
-    tl.store(
-        out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on,
-        acc, mask=mask_m[:, None] & mask_n[None, :],
-    )
+    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+    else:  # partial sums of the K chunks meet in the zero-initialised float32 output
+        tl.atomic_add(out_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -160,12 +180,14 @@ def lora_shrink(
         return out
     block_m, block_n, block_k = _block(num_tokens), _block(rank), _block(in_features, cap=128)
     precision, upcast = _dot_flags(x.dtype)
-    grid = (triton.cdiv(num_tokens, block_m) * triton.cdiv(rank, block_n), max_loras)
+    tiles = triton.cdiv(num_tokens, block_m) * triton.cdiv(rank, block_n)
+    split_k = _split_k(tiles * max_loras, triton.cdiv(in_features, block_k), x.device)
+    grid = (tiles, split_k, max_loras)
     _lora_shrink_kernel[grid](
         x, lora_a_stacked, out, meta.sorted_token_indices, meta.num_tokens_per_slot, meta.slot_start,
         rank, in_features, float(scale),
         x.stride(0), x.stride(1), *lora_a_stacked.stride(), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, UPCAST=upcast,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, PRECISION=precision, UPCAST=upcast,
     )
     return out
 

@@ -29,7 +29,7 @@ def _indices(num_tokens: int, max_loras: int, gen: torch.Generator) -> torch.Ten
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "num_tokens,in_features,rank,max_loras",
-    [(1, 64, 8, 1), (7, 40, 4, 3), (37, 96, 16, 4), (70, 33, 20, 2)],
+    [(1, 64, 8, 1), (7, 40, 4, 3), (37, 96, 16, 4), (70, 33, 20, 2), (5, 300, 16, 1), (3, 520, 8, 2)],
 )
 def test_shrink_expand_match_reference(dtype, num_tokens, in_features, rank, max_loras):
     gen = torch.Generator().manual_seed(num_tokens * 31 + rank)
@@ -128,3 +128,10 @@ def test_empty_batch_and_all_base():
         assert torch.equal(y, torch.zeros(5, 4))
         base = torch.randn(5, 16)
         assert torch.equal(impl.lora_expand(y, b, idx, base.clone()), base)
+
+
+def test_split_k_is_exercised():
+    """The wide cases above run shrink with K split over several programs (atomic partial sums)."""
+    assert tri._split_k(1, 3, torch.device("cpu")) == 3  # (5, 300, 16, 1): 3 chunks of 128
+    assert tri._split_k(2, 5, torch.device("cpu")) == 4  # (3, 520, 8, 2)
+    assert tri._split_k(64, 40, torch.device("cpu")) == 1  # enough tiles: no atomics
