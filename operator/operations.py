@@ -36,6 +36,9 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
         prefix="pageant.dev", key="last-handled-configuration")
     settings.posting.level = logging.WARNING
     settings.background.instant_exit_timeout = 5.0  # let an in-flight resync finish on shutdown
+    # --namespace takes exact names: watch just those, without listing namespaces cluster-wide
+    # (no cluster-scoped namespace RBAC needed). The CRD must exist when the operator starts.
+    settings.scanning.disabled = bool(config.namespaces)
     settings.networking.request_timeout = config.api_timeout_seconds
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

@@ -295,14 +295,10 @@ class Cluster:
         return engine
 
 
-@pytest_asyncio.fixture
-async def cluster():
-    """A kmock Kubernetes API with our CRD, the operator running in-process against it (resync
-    every 0.3 s), and a fake-engine port on loopback. Everything is torn down, bounded in time."""
+@contextlib.asynccontextmanager
+async def _kmock_api():
+    """kmock with our CRD, a namespace `ml` and every child resource declared: (emulator, url)."""
     from pageant.operator import schema
-    from pageant.operator.config import OperatorConfig
-    from pageant.operator.main import serve
-    from pageant.operator.metrics import OperatorMetrics
 
     async with Emulator() as k, kmock.Server(k) as server:
         k.resources[IS_RESOURCE] = kmock.ResourceInfo(kind="InferenceService", namespaced=True,
@@ -314,7 +310,29 @@ async def cluster():
             k.resources[res] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs=VERBS)
         k.objects["apiextensions.k8s.io/v1/customresourcedefinitions", None, schema.CRD_NAME] = schema.crd()
         k.objects["v1/namespaces", None, "ml"] = {"metadata": {"name": "ml"}}
+        yield k, str(server.url).rstrip("/")
 
+
+@pytest_asyncio.fixture
+async def cluster_api():
+    """kmock alone (no operator): (url, Cluster helper) for tests that run the operator themselves."""
+    from pageant.operator.metrics import OperatorMetrics
+
+    async with _kmock_api() as (k, url), aiohttp.ClientSession() as session:
+        c = Cluster(k, url, OperatorMetrics(), session)
+        c._runners = []
+        yield url, c
+
+
+@pytest_asyncio.fixture
+async def cluster():
+    """A kmock Kubernetes API with our CRD, the operator running in-process against it (resync
+    every 0.3 s), and a fake-engine port on loopback. Everything is torn down, bounded in time."""
+    from pageant.operator.config import OperatorConfig
+    from pageant.operator.main import serve
+    from pageant.operator.metrics import OperatorMetrics
+
+    async with _kmock_api() as (k, url):
         # A free port, then the same port on 127.0.0.1 and 127.0.0.2 for fake pods.
         probe = web.AppRunner(web.Application())
         await probe.setup()
@@ -323,10 +341,9 @@ async def cluster():
         pod_port = site._server.sockets[0].getsockname()[1]
         await probe.cleanup()
 
-        url = str(server.url).rstrip("/")
         config = OperatorConfig(connection=kopf.ConnectionInfo(server=url), metrics_port=None, health_port=None,
                                 resync_seconds=0.3, pod_url_template=f"http://{{ip}}:{pod_port}",
-                                pod_timeout_seconds=2.0, api_timeout_seconds=5.0)
+                                pod_timeout_seconds=2.0, api_timeout_seconds=2.0)
         metrics = OperatorMetrics()
         stop = asyncio.Event()
         async with aiohttp.ClientSession() as session:
