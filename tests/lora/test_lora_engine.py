@@ -179,3 +179,20 @@ def test_scheduler_caps_distinct_adapters_per_batch(setup):
                 done[out.request_id] = out.outputs[0].token_ids
         assert len({s.request.lora_name for s in engine.scheduler.running} - {None}) <= 2
     assert [done[f"r{i}"] for i in range(len(order))] == [expected[n][i] for i, n in enumerate(order)]
+
+
+def test_bfloat16_engine_with_adapters(setup):
+    """bfloat16 weights and LoRA buffers: a mixed batch runs; each adapter changes the outputs and
+    the same adapter gives the same tokens alone or mixed with others."""
+    base, _, requests, ps, _ = setup
+    llm = LLM(model=base, dtype="bfloat16", enable_lora=True, max_loras=2, max_lora_rank=8)
+    assert llm.engine.lora_manager.lora_a["qkv_proj"].dtype == torch.bfloat16
+    p = [{"prompt_token_ids": x} for x in ps[:4]]
+    mixed = llm.generate(p, SP, lora_request=[None, requests["all"], requests["qv"], requests["all"]], use_tqdm=False)
+    base_only = llm.generate(p, SP, use_tqdm=False)
+    alone = llm.generate(p[1:2], SP, lora_request=requests["all"], use_tqdm=False)
+    assert mixed[0].outputs[0].token_ids == base_only[0].outputs[0].token_ids
+    assert mixed[1].outputs[0].token_ids == alone[0].outputs[0].token_ids
+    assert all(mixed[i].outputs[0].token_ids != base_only[i].outputs[0].token_ids for i in (1, 2, 3))
+    chat = llm.chat([{"role": "user", "content": "hello"}], SP, lora_request=requests["qv"], use_tqdm=False)
+    assert len(chat[0].outputs[0].token_ids) == MAX_NEW
