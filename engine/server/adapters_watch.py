@@ -3,9 +3,10 @@
 The file (``{"adapters": [{"name": ..., "path": ...}]}``) is how the operator makes adapters go live
 without restarting pods: the server reads it at start and polls it (mtime and content) every few
 seconds, loading and unloading adapters to match. The engine loads adapters through
-``engine.add_lora(LoRARequest) -> bool`` and ``engine.remove_lora(lora_int_id) -> bool`` (vLLM's
-names); an engine without them cannot serve adapters, which is a clear startup error when any are
-configured (the flags and the watcher still work with an empty list).
+``engine.add_lora(LoRARequest) -> bool`` and ``engine.remove_lora(name) -> bool`` (vLLM's names).
+An adapter that is removed from the file stops being routable at once; the engine unloads it as
+soon as no unfinished request uses it (``remove_lora`` refuses while one does, so it is retried on
+every poll). Adapters configured on an engine without LoRA enabled are a clear startup error.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def validate_specs(specs: list[AdapterSpec], *, allowed_root: str | None, base_n
 
 
 def engine_supports_lora(engine) -> bool:
-    return callable(getattr(engine, "add_lora", None)) and callable(getattr(engine, "remove_lora", None))
+    """The engine can load adapters now (it has the methods and LoRA is enabled in its config)."""
+    has_methods = callable(getattr(engine, "add_lora", None)) and callable(getattr(engine, "remove_lora", None))
+    return has_methods and bool(getattr(getattr(engine, "config", None), "enable_lora", False))
 
 
 class AdapterManager:
@@ -108,7 +111,8 @@ class AdapterManager:
         self.max_loras = max_loras
         self.max_cpu_loras = max_cpu_loras
         self.poll_interval = poll_interval
-        self.loaded: dict[str, LoRARequest] = {}
+        self.loaded: dict[str, LoRARequest] = {}  # routable adapters
+        self.removing: dict[str, LoRARequest] = {}  # unroutable, still loaded while requests use them
         self._next_id = 1
         self._fingerprint: tuple | None = None
         self.last_error: str | None = None
@@ -129,10 +133,26 @@ class AdapterManager:
         if specs and not self.supported:
             names = ", ".join(s.name for s in specs)
             raise AdapterConfigError(
-                f"LoRA adapters are configured ({names}) but this engine does not support LoRA yet; "
-                "remove --lora-modules / empty the --lora-modules-file"
+                f"LoRA adapters are configured ({names}) but LoRA is not enabled: pass --enable-lora "
+                "(or remove --lora-modules / empty the --lora-modules-file)"
             )
         return specs
+
+    def load_at_startup(self) -> None:
+        """Load the configured adapters on the engine directly (before its thread starts); a bad
+        adapter raises ``AdapterConfigError``."""
+        specs = self.check_startup()
+        engine = self.async_engine.engine
+        for spec in specs:
+            req = LoRARequest(spec.name, self._next_id, spec.path)
+            self._next_id += 1
+            try:
+                engine.add_lora(req)
+            except Exception as exc:  # noqa: BLE001 - LoRAAdapterError and friends: one clear line
+                raise AdapterConfigError(f"adapter {spec.name!r}: {exc}") from None
+            self.loaded[spec.name] = req
+            logger.info("loaded LoRA adapter %s from %s", spec.name, spec.path)
+        self._fingerprint = self._file_fingerprint()
 
     def lora_request(self, name: str) -> LoRARequest | None:
         return self.loaded.get(name)
@@ -148,28 +168,48 @@ class AdapterManager:
         return (st.st_mtime_ns, st.st_size, hashlib.sha256(data).hexdigest())
 
     async def sync(self) -> None:
-        """Load new adapters and unload removed (or re-pointed) ones."""
+        """Load new adapters; make removed (or re-pointed) ones unroutable and unload them."""
         want = {s.name: s for s in self.desired()}
         if want and not self.supported:
-            raise AdapterConfigError("LoRA adapters are configured but this engine does not support LoRA yet")
+            raise AdapterConfigError("LoRA adapters are configured but LoRA is not enabled (--enable-lora)")
         for name, req in list(self.loaded.items()):
             if name not in want or want[name].path != req.lora_path:
-                await self.async_engine.call(lambda e, i=req.lora_int_id: e.remove_lora(i))
-                del self.loaded[name]
-                logger.info("unloaded LoRA adapter %s", name)
+                self.removing[name] = self.loaded.pop(name)
+        await self._unload_pending()
+        errors = []
         for name, spec in want.items():
-            if name in self.loaded:
-                continue
+            if name in self.loaded or name in self.removing:
+                continue  # a re-pointed adapter is loaded again once its old version is gone
             req = LoRARequest(spec.name, self._next_id, spec.path)
             self._next_id += 1
-            await self.async_engine.call(lambda e, r=req: e.add_lora(r))
+            try:
+                await self.async_engine.call(lambda e, r=req: e.add_lora(r))
+            except Exception as exc:  # noqa: BLE001 - one bad adapter must not block the others
+                errors.append(f"adapter {name!r}: {exc}")
+                continue
             self.loaded[name] = req
             logger.info("loaded LoRA adapter %s from %s", name, spec.path)
+        if errors:
+            raise AdapterConfigError("; ".join(errors))
+
+    async def _unload_pending(self) -> bool:
+        """Try to unload adapters that left the config; True if some are still waiting."""
+        for name, req in list(self.removing.items()):
+            try:
+                await self.async_engine.call(lambda e, n=name: e.remove_lora(n))
+            except Exception as exc:  # noqa: BLE001 - in use: retried on the next poll
+                logger.info("adapter %s is still in use; unloading it later (%s)", name, exc)
+                continue
+            del self.removing[name]
+            logger.info("unloaded LoRA adapter %s", name)
+        return bool(self.removing)
 
     async def watch(self) -> None:
         """Poll the adapters file forever; errors are logged and kept in ``last_error``, never raised."""
         while True:
             fingerprint = self._file_fingerprint()
+            if self.removing and await self._unload_pending() is False:
+                self._fingerprint = None  # re-pointed adapters can be loaded again now
             if fingerprint != self._fingerprint:
                 try:
                     await self.sync()

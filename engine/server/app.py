@@ -82,7 +82,7 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
 
     def lora_info() -> dict:
         stats = async_engine.stats()
-        return {"max_lora": config.max_loras, "running": stats.get("running_lora_adapters", ()),
+        return {"max_lora": stats.get("max_lora", config.max_loras), "running": stats.get("running_lora_adapters", ()),
                 "waiting": stats.get("waiting_lora_adapters", ())}
 
     metrics = ServerMetrics(names[0], async_engine.stats, lora_info)

@@ -116,7 +116,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kwargs["dtype"] = {"half": "float16", "float": "float32"}[kwargs["dtype"]]
     if args.enable_lora:
         kwargs.update(enable_lora=True, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                      max_cpu_loras=args.max_cpu_loras)
+                      max_cpu_loras=args.max_cpu_loras, allowed_lora_root=args.allowed_lora_root)
     return kwargs
 
 
@@ -162,7 +162,8 @@ def _build_engine(model_dir: str, kwargs: dict):
         config_fields = {f.name for f in dataclasses.fields(EngineConfig)}
     except Exception:  # noqa: BLE001 - older engines: pass what we have
         pass
-    unsupported = [k for k in ("enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "enable_prefix_caching")
+    unsupported = [k for k in ("enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "allowed_lora_root",
+                               "enable_prefix_caching")
                    if k in kwargs and config_fields and k not in config_fields]
     for key in unsupported:
         logger.warning("this engine has no %s setting yet; ignoring --%s", key, key.replace("_", "-"))
@@ -202,12 +203,12 @@ def main(argv: list[str] | None = None) -> int:
 
     app = build_app(engine, config)
     try:
-        app.state.adapters.check_startup()
-    except AdapterConfigError as exc:
+        app.state.adapters.load_at_startup()
+    except (AdapterConfigError, OSError) as exc:
         print(f"pageant serve: error: {exc}", file=sys.stderr)
         return 2
-    if not engine_supports_lora(engine) and args.enable_lora:
-        logger.warning("--enable-lora: this engine cannot load adapters yet; serving the base model only")
+    if args.enable_lora and not engine_supports_lora(engine):
+        logger.warning("--enable-lora: this engine cannot load adapters; serving the base model only")
     return serve_app(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                      shutdown_timeout=args.shutdown_timeout)
 

@@ -84,13 +84,6 @@ def parse_metric(text: str, name: str, labels: dict[str, str] | None = None) -> 
     return total
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> pathlib.Path:
-    from pageant.engine.testing import build_checkpoint
-
-    return pathlib.Path(build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama", arch="llama", seed=0))
-
-
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory, tiny_checkpoint):
     """Factory: ``serve(*args, model=..., env=...)`` starts a server (stopped at module end)."""
@@ -114,3 +107,27 @@ def api_server(serve) -> ServerProcess:
     """The module's main server: the tiny model, an API key, a small context."""
     return serve("--api-key", API_KEY, "--max-model-len", "256", "--num-kv-blocks", "64", "--max-num-seqs", "16",
                  "--served-model-name", "tiny", "--disable-log-requests", "--uvicorn-log-level", "warning")
+
+
+@pytest.fixture(scope="session")
+def make_server_adapter(tmp_path_factory, tiny_checkpoint):
+    """``make_server_adapter(seed) -> dir``: a PEFT LoRA adapter (random non-zero A and B) for the tiny model."""
+
+    def make(seed: int, root: pathlib.Path | None = None) -> str:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint), dtype=torch.float32)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                lora_dropout=0.0, task_type="CAUSAL_LM"))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_A" in name or "lora_B" in name:  # peft zero-inits B: make the adapter matter
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+        out = (root or tmp_path_factory.mktemp("adapters")) / f"adapter-{seed}"
+        model.save_pretrained(str(out))
+        return str(out)
+
+    return make
