@@ -34,8 +34,6 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
 def parse_args(argv=None):
@@ -55,27 +53,6 @@ def parse_args(argv=None):
     if args.quick:
         args.hidden, args.layers, args.num_prompts, args.repeats = 256, 2, 16, 2
     return args
-
-
-def write_adapter(out: pathlib.Path, spec, rank: int, seed: int) -> str:
-    """A random PEFT LoRA adapter folder for ``spec`` (the tensors PEFT's save_pretrained writes)."""
-    import torch
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(spec.num_layers):
-        for proj, parent in TARGETS.items():
-            in_f, out_f = spec.shape(proj)
-            prefix = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) / in_f**0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * 0.05
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS),
-              "bias": "none", "task_type": "CAUSAL_LM"}
-    (out / "adapter_config.json").write_text(json.dumps(config))
-    return str(out)
 
 
 def timed(llm, prompts, sp, loras) -> tuple[float, float, int]:
@@ -113,8 +90,7 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from pageant.engine import LLM, LoRARequest, SamplingParams
-    from pageant.engine.adapters import LoRAModelSpec
-    from pageant.engine.config import ModelConfig
+    from pageant.engine.adapters.testing import build_lora_adapter
     from pageant.engine.testing import build_checkpoint
 
     cpu_only = not args.device.startswith("cuda")
@@ -126,9 +102,9 @@ def main(argv=None) -> int:
         base = str(build_checkpoint(tmp / "base", hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                                     num_hidden_layers=args.layers, num_attention_heads=heads,
                                     num_key_value_heads=heads // 2))
-        spec = LoRAModelSpec.from_model_config(ModelConfig.from_pretrained(base))
         ranks = [args.rank, args.rank, max(1, args.rank // 2), max(1, args.rank // 4)]
-        adapters = [LoRARequest(f"lora{i}", i + 1, write_adapter(tmp / f"lora{i}", spec, r, seed=i))
+        adapters = [LoRARequest(f"lora{i}", i + 1, str(build_lora_adapter(
+                        base, tmp / f"lora{i}", r=r, lora_alpha=2 * r, seed=i, std=0.05)))
                     for i, r in enumerate(ranks)]
         g = torch.Generator().manual_seed(0)
         prompts = [{"prompt_token_ids": [1] + torch.randint(3, 500, (args.prompt_len - 1,), generator=g).tolist()}

@@ -172,3 +172,24 @@ def test_non_finite_weights(tiny_checkpoint, make_adapter, tmp_path):
     save_file(tensors, str(d / "adapter_model.safetensors"))
     with pytest.raises(LoRAAdapterError, match="NaN"):
         load(d, tiny_checkpoint)
+
+
+def test_package_builder_writes_what_peft_loads(tiny_checkpoint, tmp_path):
+    """``pageant.engine.adapters.testing.build_lora_adapter`` (no peft needed) loads in PEFT and in
+    the engine's loader with the same effect on a projection."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pageant.engine.adapters.testing import build_lora_adapter
+
+    path = build_lora_adapter(tiny_checkpoint, tmp_path / "a", r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_checkpoint), str(path))
+    up = model.base_model.model.model.layers[1].mlp.up_proj
+    adapter = load(path, tiny_checkpoint)
+    a, b = adapter.weights[(1, "up_proj")]
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(up(x), up.base_layer(x) + x @ a.T @ b.T, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(up(x), up.base_layer(x), atol=1e-3)
+    with pytest.raises(ValueError, match="unknown target modules"):
+        build_lora_adapter(tiny_checkpoint, tmp_path / "b", target_modules=["lm_head"])
