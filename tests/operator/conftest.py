@@ -98,6 +98,7 @@ def examples() -> dict[str, dict[str, Any]]:
 
 import asyncio
 import contextlib
+import threading
 import time
 
 import aiohttp
@@ -345,17 +346,21 @@ async def cluster():
                                 resync_seconds=0.3, pod_url_template=f"http://{{ip}}:{pod_port}",
                                 pod_timeout_seconds=2.0, api_timeout_seconds=2.0)
         metrics = OperatorMetrics()
-        stop = asyncio.Event()
+        # The operator runs in its own thread and event loop, as in production: kopf treats tasks
+        # born during its run in its loop as its own (it would wait for kmock's server handlers).
+        stop = threading.Event()
+        thread = threading.Thread(target=lambda: asyncio.run(serve(config, metrics, stop_flag=stop)),
+                                  name="operator", daemon=True)
         async with aiohttp.ClientSession() as session:
             c = Cluster(k, url, metrics, session)
             c.pod_port, c._runners = pod_port, []
-            task = asyncio.create_task(serve(config, metrics, stop_flag=stop))
+            thread.start()
             try:
                 yield c
             finally:
                 stop.set()
-                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(task, 15)
+                await asyncio.to_thread(thread.join, 20)
+                assert not thread.is_alive(), "the operator did not stop within 20 s"
                 for runner in c._runners:
                     await runner.cleanup()
 
