@@ -24,5 +24,6 @@ class OperatorConfig:
     pod_url_template: str = "http://{ip}:8000"
     pod_timeout_seconds: float = 5.0
     api_timeout_seconds: float = 30.0
+    discovery_ttl_seconds: float = 60.0  # how soon newly installed CRDs (KEDA, Prometheus Operator) are seen
     connection: Any = None
     verbose: bool = False

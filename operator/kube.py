@@ -31,7 +31,6 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors", True),
     "PodMonitor": ("monitoring.coreos.com/v1", "podmonitors", True),
 }
-DISCOVERY_TTL_SECONDS = 60.0
 
 
 class ApiError(Exception):
@@ -80,11 +79,12 @@ class KubeClient:
     """Minimal async Kubernetes client. ``connection`` is a kopf.ConnectionInfo; it may be replaced
     (on re-login) with :meth:`set_connection`."""
 
-    def __init__(self, timeout_seconds: float = 30.0) -> None:
+    def __init__(self, timeout_seconds: float = 30.0, discovery_ttl_seconds: float = 60.0) -> None:
         self._connection: Any = None
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._discovery: dict[str, tuple[float, set[str]]] = {}
+        self._discovery_ttl = discovery_ttl_seconds
         self._closed = False
 
     def set_connection(self, connection: Any) -> None:
@@ -188,7 +188,7 @@ class KubeClient:
         """Whether the API server serves this kind (e.g. KEDA or Prometheus Operator CRDs installed)."""
         api_version, plural, _ = RESOURCES[kind]
         cached = self._discovery.get(api_version)
-        if cached is None or time.monotonic() - cached[0] > DISCOVERY_TTL_SECONDS:
+        if cached is None or time.monotonic() - cached[0] > self._discovery_ttl:
             path = f"/apis/{api_version}" if "/" in api_version else f"/api/{api_version}"
             status, payload = await self._request("GET", kind, path)
             if status == 404:

@@ -21,7 +21,7 @@ async def serve(config: OperatorConfig, metrics: OperatorMetrics | None = None,
                 stop_flag: Any = None, ready_flag: Any = None) -> None:
     """Run the kopf operator until stop_flag is set (standalone: no peering)."""
     metrics = metrics or OperatorMetrics()
-    rt = Runtime(kube=KubeClient(config.api_timeout_seconds),
+    rt = Runtime(kube=KubeClient(config.api_timeout_seconds, config.discovery_ttl_seconds),
                  pods=PodClient(config.pod_url_template, config.pod_timeout_seconds),
                  engine_image=config.engine_image)
     registry = make_registry(config, rt, metrics)

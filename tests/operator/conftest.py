@@ -251,6 +251,10 @@ class Cluster:
             return None
         return None if obj.deleted else copy.deepcopy(obj.raw)
 
+    def install(self, kind: str) -> None:
+        """Install an optional API (as if its CRD were applied): KEDA or the Prometheus Operator."""
+        self.k.resources[OPTIONAL_RESOURCES[kind]] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs=VERBS)
+
     def requests(self, method: str, path_part: str) -> list:
         return [r for r in list(self.k) if str(getattr(r.method, "value", r.method)).upper() == method.upper()
                 and path_part in r.url.path]
@@ -344,7 +348,8 @@ async def cluster():
 
         config = OperatorConfig(connection=kopf.ConnectionInfo(server=url), metrics_port=None, health_port=None,
                                 resync_seconds=0.3, pod_url_template=f"http://{{ip}}:{pod_port}",
-                                pod_timeout_seconds=2.0, api_timeout_seconds=2.0)
+                                pod_timeout_seconds=2.0, api_timeout_seconds=2.0,
+                                discovery_ttl_seconds=0.2)
         metrics = OperatorMetrics()
         # The operator runs in its own thread and event loop, as in production: kopf treats tasks
         # born during its run in its loop as its own (it would wait for kmock's server handlers).

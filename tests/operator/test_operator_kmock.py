@@ -262,3 +262,37 @@ async def test_deletion_leaves_nothing(cluster, make_body, wait):
     posts = len(cluster.requests("POST", "/namespaces/ml/"))
     await asyncio.sleep(1.0)  # several resync periods: nothing is recreated
     assert len(cluster.requests("POST", "/namespaces/ml/")) == posts
+
+
+async def test_keda_and_monitors_once_their_crds_exist(cluster, make_body, wait, validate_manifest):
+    await cluster.apply_is(make_body(autoscaling={"minReplicas": 0, "maxReplicas": 3}, monitoring={"kind": "PodMonitor"}))
+    await wait(lambda: "ScaledObjectAPIMissing" == cluster.condition("ml", "demo", "Degraded").get("reason"))
+    cluster.install("ScaledObject")
+    cluster.install("PodMonitor")
+    so = await wait(lambda: cluster.get("ScaledObject", "ml", "demo"), what="ScaledObject")
+    pm = await wait(lambda: cluster.get("PodMonitor", "ml", "demo"), what="PodMonitor")
+    for obj in (so, pm):
+        assert owned(obj)
+        validate_manifest({k: v for k, v in obj.items() if k != "status"} | {"metadata": {
+            k: v for k, v in obj["metadata"].items() if k not in ("resourceVersion", "uid", "generation")}})
+    assert so["spec"]["idleReplicaCount"] == 0
+    await wait(lambda: cluster.condition("ml", "demo", "Degraded").get("reason") == "AsExpected")
+    # KEDA drives the scale subresource: spec.replicas flows down to the Deployment.
+    await cluster.patch(IS, "ml", "demo", {"spec": {"replicas": 2}})
+    await wait(lambda: cluster.get("Deployment", "ml", "demo")["spec"]["replicas"] == 2, what="scaled to 2")
+    await wait(lambda: cluster.status("ml", "demo").get("desiredReplicas") == 2)
+
+
+async def test_model_cache_pvc_and_download_job(cluster, make_body, wait):
+    await cluster.apply_is(make_body(model={"name": "tiny", "cache": {"repo": "org/tiny", "size": "10Gi"}}))
+    pvc = await wait(lambda: cluster.get("PersistentVolumeClaim", "ml", "demo-model-cache"), what="cache PVC")
+    job = await wait(lambda: cluster.get("Job", "ml", "demo-model-download"), what="download Job")
+    assert owned(pvc) and owned(job)
+    await wait(lambda: cluster.condition("ml", "demo", "Ready").get("reason") == "ModelDownloading")
+    # Created once: the (immutable) Job is never patched, even when it drifts from the spec.
+    await cluster.patch("batch/v1/jobs", "ml", "demo-model-download", {"status": {"succeeded": 1}})
+    await wait(lambda: cluster.condition("ml", "demo", "Ready").get("reason") == "ModelLoading")
+    assert len(cluster.requests("PATCH", "/jobs/demo-model-download")) == 1  # only the test's
+    await cluster.patch("batch/v1/jobs", "ml", "demo-model-download", {"status": {
+        "succeeded": 0, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}})
+    await wait(lambda: cluster.condition("ml", "demo", "Degraded").get("reason") == "ModelDownloadFailed")
