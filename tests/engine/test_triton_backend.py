@@ -1,0 +1,39 @@
+"""The engine on the Triton kernels (Triton's CPU interpreter) gives the torch backend's tokens.
+
+Runs in a subprocess because ``TRITON_INTERPRET`` must be set before triton is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+from pageant.engine import LLM, SamplingParams
+prompts = [{"prompt_token_ids": [1] + list(range(10, 10 + k))} for k in (2, 19)]
+sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+result = {}
+for backend in ("triton", "torch"):
+    llm = LLM(model=sys.argv[1], attention_backend=backend, block_size=8, max_num_batched_tokens=12)
+    result[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert llm.stats()["num_free_kv_blocks"] == llm.stats()["num_kv_blocks"]
+print(json.dumps(result))
+"""
+
+
+def test_triton_backend_matches_torch_backend(make_checkpoint):
+    path = make_checkpoint("qwen3")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, path], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["triton"] == result["torch"]
+    assert all(len(t) == 3 for t in result["torch"])
