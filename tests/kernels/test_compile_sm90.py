@@ -37,7 +37,7 @@ def test_every_kernel_compiles(compiled):
         "_decode_kernel", "_decode_reduce_kernel", "_prefill_kernel",
         "_reshape_and_cache_kernel", "_rms_norm_kernel", "_rotary_kernel",
     }
-    assert len(compiled) >= 30
+    assert len(compiled) >= 25
 
 
 def test_no_register_spills(compiled):
