@@ -37,6 +37,8 @@ RULE_REPLICAS_XOR_AUTOSCALING = "!has(self.autoscaling) || !has(self.replicas) |
 
 
 def _s(description: str, **kw: Any) -> dict[str, Any]:
+    if "enum" in kw and "maxLength" not in kw:  # bounded strings keep CEL cost estimates low
+        kw["maxLength"] = max(len(e) for e in kw["enum"])
     return {"type": "string", "description": description, **kw}
 
 
@@ -79,7 +81,8 @@ def _secret_key_ref(description: str, default_key: str) -> dict[str, Any]:
 
 def _hub(description: str) -> dict[str, Any]:
     return _obj(description, {
-        "repo": _s("Hugging Face Hub repository id, e.g. Qwen/Qwen2.5-0.5B-Instruct.", pattern=HUB_REPO),
+        "repo": _s("Hugging Face Hub repository id, e.g. Qwen/Qwen2.5-0.5B-Instruct.", pattern=HUB_REPO,
+                   maxLength=256),
         "revision": _s("Branch, tag or commit (default: main).", minLength=1),
         "tokenSecretRef": _secret_key_ref("Secret holding a Hub token (for gated/private repos); "
                                           "passed to the engine as HF_TOKEN.", "token"),
@@ -88,8 +91,9 @@ def _hub(description: str) -> dict[str, Any]:
 
 def _pvc_path(description: str) -> dict[str, Any]:
     return _obj(description, {
-        "claimName": _s("PersistentVolumeClaim name (same namespace); mounted read-only.", pattern=DNS_LABEL),
-        "path": _s("Directory inside the volume (default: its root); no `..`.", default=""),
+        "claimName": _s("PersistentVolumeClaim name (same namespace); mounted read-only.", pattern=DNS_LABEL,
+                        maxLength=253),
+        "path": _s("Directory inside the volume (default: its root); no `..`.", default="", maxLength=1024),
     }, required=["claimName"], **{"x-kubernetes-validations": [
         {"rule": RULE_NO_DOTDOT, "message": "path must not contain '..'"}]})
 
@@ -189,9 +193,10 @@ def _autoscaling() -> dict[str, Any]:
                                   "16 running, 0.8 KV-cache usage).",
                    "type": "number", "exclusiveMinimum": True, "minimum": 0},
         "query": _s("PromQL for metric=Custom (keda): its value divided by target is the "
-                    "replica count.", minLength=1),
+                    "replica count.", minLength=1, maxLength=4096),
         "hpaMetricName": _s("Per-pod metric name in the custom metrics API (hpa). Default: the "
-                            "prometheus-adapter name of the signal, e.g. vllm_num_requests_waiting."),
+                            "prometheus-adapter name of the signal, e.g. vllm_num_requests_waiting.",
+                            maxLength=253),
         "prometheusAddress": _s("Prometheus base URL for keda.",
                                 default="http://prometheus-operated.monitoring.svc:9090"),
         "pollingIntervalSeconds": _i("How often keda queries Prometheus.", 1, default=15),
