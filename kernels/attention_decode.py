@@ -186,6 +186,7 @@ def decode_attention(
         return out
     check_device(query, k_cache, v_cache, block_tables, seq_lens)
     query = last_dim_contiguous(query)
+    block_tables, seq_lens = last_dim_contiguous(block_tables), seq_lens.contiguous()
     group = num_heads // num_kv_heads
     block_d = pow2_at_least(head_dim, 16)
     block_h = pow2_at_least(group, 16)

@@ -189,6 +189,8 @@ def prefill_attention(
         return out
     check_device(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
     query = last_dim_contiguous(query)
+    block_tables, seq_lens = last_dim_contiguous(block_tables), seq_lens.contiguous()
+    query_start_loc = query_start_loc.contiguous()
     group = num_heads // num_kv_heads
     block_d = pow2_at_least(head_dim, 16)
     small_tiles = block_d > 128 or query.dtype == torch.float32  # keeps sm_90 free of register spills

@@ -67,6 +67,7 @@ def reshape_and_cache(
     if num_tokens == 0:
         return
     check_device(key, value, k_cache, v_cache, slot_mapping)
+    slot_mapping = slot_mapping.contiguous()
     key, value = last_dim_contiguous(key), last_dim_contiguous(value)
     block_d = pow2_at_least(head_dim, 16)
     # about 1024 elements per program: all kv heads of a token for common shapes

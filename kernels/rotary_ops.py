@@ -86,6 +86,7 @@ def rotary_embedding(
     if num_tokens == 0:
         return q_out, k_out
     check_device(positions, query, key, cos_sin_cache)
+    positions = positions.contiguous()
     query, key = last_dim_contiguous(query), last_dim_contiguous(key)
     cos_sin_cache = last_dim_contiguous(cos_sin_cache)
     half = head_dim // 2

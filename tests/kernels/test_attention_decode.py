@@ -125,3 +125,16 @@ def test_group_wider_than_sixteen_heads(paged_kv, assert_close):
     expected = reference.paged_attention_decode(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.3)
     actual = decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.3, num_splits=2, block_n=16)
     assert_close(actual, expected)
+
+
+def test_strided_metadata(paged_kv, assert_close):
+    """seq_lens and block_tables as strided views (every other element of bigger buffers)."""
+    kv = paged_kv([9, 30], 8, 2, 16, torch.float32, seed=8)
+    tables = torch.zeros(2, 2 * kv.block_tables.shape[1], dtype=torch.int32)
+    tables[:, ::2] = kv.block_tables
+    lens = torch.zeros(4, dtype=torch.int32)
+    lens[::2] = kv.seq_lens
+    query = torch.randn(2, 4, 16)
+    expected = reference.paged_attention_decode(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.3)
+    actual = triton_ops.paged_attention_decode(query, kv.k_cache, kv.v_cache, tables[:, ::2], lens[::2], 0.3)
+    assert_close(actual, expected)
