@@ -34,6 +34,8 @@ class LoRAKernelMeta:
     num_tokens_per_slot: torch.Tensor  # [max_loras + 1] int32, entry 0 counts base-model tokens
     slot_start: torch.Tensor  # [max_loras + 1] int32, exclusive cumsum of the counts
     max_loras: int
+    # host copy: (slot, start, count) of every slot with tokens, base model excluded
+    segments: tuple[tuple[int, int, int], ...] | None = None
 
     @staticmethod
     def build(token_lora_indices: torch.Tensor, max_loras: int) -> "LoRAKernelMeta":
@@ -48,11 +50,17 @@ class LoRAKernelMeta:
         counts = torch.bincount(idx + 1, minlength=max_loras + 1)  # [max_loras + 1]
         starts = torch.cumsum(counts, 0) - counts
         order = torch.sort(idx, stable=True).indices
+        counts_list, starts_list = counts.tolist(), starts.tolist()
+        segments = tuple(
+            (slot, starts_list[slot + 1], counts_list[slot + 1])
+            for slot in range(max_loras) if counts_list[slot + 1]
+        )
         return LoRAKernelMeta(
             sorted_token_indices=order.to(torch.int32),
             num_tokens_per_slot=counts.to(torch.int32),
             slot_start=starts.to(torch.int32),
             max_loras=max_loras,
+            segments=segments,
         )
 
 
@@ -64,16 +72,15 @@ def _meta(meta: LoRAKernelMeta | None, token_lora_indices: torch.Tensor, max_lor
     return meta
 
 
-def _segments(meta: LoRAKernelMeta):
-    """(slot, token rows [n] int64) for every slot that has tokens, base model excluded."""
-    counts = meta.num_tokens_per_slot.tolist()
-    starts = meta.slot_start.tolist()
-    order = meta.sorted_token_indices.long()
-    for slot in range(meta.max_loras):
-        count = counts[slot + 1]
-        if count:
-            start = starts[slot + 1]
-            yield slot, order[start : start + count]
+def _segments(meta: LoRAKernelMeta, num_tokens: int):
+    """(slot, token rows [n] int64 or None = every token) for every slot with tokens, base excluded."""
+    segments = meta.segments
+    if segments is None:
+        counts, starts = meta.num_tokens_per_slot.tolist(), meta.slot_start.tolist()
+        segments = [(s, starts[s + 1], counts[s + 1]) for s in range(meta.max_loras) if counts[s + 1]]
+    order = meta.sorted_token_indices
+    for slot, start, count in segments:
+        yield slot, (None if count == num_tokens else order[start : start + count].long())
 
 
 def lora_shrink(
@@ -90,9 +97,15 @@ def lora_shrink(
         raise ValueError(f"x must be [num_tokens, {in_features}], got {list(x.shape)}")
     meta = _meta(meta, token_lora_indices, max_loras)
     out = torch.zeros(x.shape[0], rank, dtype=torch.float32, device=x.device)
-    for slot, rows in _segments(meta):
-        xs = x.index_select(0, rows).float()  # [n, in]
-        out.index_copy_(0, rows, (xs @ lora_a_stacked[slot].float().T) * scale)  # [n, rank]
+    for slot, rows in _segments(meta, x.shape[0]):
+        xs = (x if rows is None else x.index_select(0, rows)).float()  # [n, in]
+        y = xs @ lora_a_stacked[slot].float().T  # [n, rank]
+        if scale != 1.0:
+            y = y * scale
+        if rows is None:
+            out = y
+        else:
+            out.index_copy_(0, rows, y)
     return out
 
 
@@ -120,13 +133,20 @@ def lora_expand(
             f"for {y.shape[0]} tokens"
         )
     meta = _meta(meta, token_lora_indices, max_loras)
-    for slot, rows in _segments(meta):
-        ys = y.index_select(0, rows).to(lora_b_stacked.dtype).float()  # [n, rank]
+    cols = out[:, offset : offset + out_features]
+    for slot, rows in _segments(meta, y.shape[0]):
+        ys = (y if rows is None else y.index_select(0, rows)).to(lora_b_stacked.dtype).float()  # [n, rank]
         delta = ys @ lora_b_stacked[slot].float().T  # [n, out_features]
-        cols = out[:, offset : offset + out_features]
-        if add_inputs:
-            delta = delta + cols.index_select(0, rows).float()
-        cols.index_copy_(0, rows, delta.to(out.dtype))
+        if rows is None:
+            if add_inputs:
+                delta = delta + cols.float()
+            cols.copy_(delta)
+        elif add_inputs and out.dtype == torch.float32:
+            cols.index_add_(0, rows, delta)  # the same sum, in one op
+        else:
+            if add_inputs:
+                delta = delta + cols.index_select(0, rows).float()
+            cols.index_copy_(0, rows, delta.to(out.dtype))
     return out
 
 

@@ -20,6 +20,7 @@ Single-threaded, like the engine.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import pathlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -196,10 +197,11 @@ class LoRAManager:
         meta = LoRAKernelMeta.build(host, self.max_loras)
         if self.device.type != "cpu":
             host = host.to(self.device, non_blocking=True)
-            meta = LoRAKernelMeta(
-                *(t.to(self.device, non_blocking=True) for t in
-                  (meta.sorted_token_indices, meta.num_tokens_per_slot, meta.slot_start)),
-                max_loras=self.max_loras,
+            meta = dataclasses.replace(
+                meta,
+                sorted_token_indices=meta.sorted_token_indices.to(self.device, non_blocking=True),
+                num_tokens_per_slot=meta.num_tokens_per_slot.to(self.device, non_blocking=True),
+                slot_start=meta.slot_start.to(self.device, non_blocking=True),
             )
         self._batch = LoRABatch(token_lora_indices=host, meta=meta, has_lora=bool(distinct))
         return self._batch

@@ -135,3 +135,23 @@ def test_split_k_is_exercised():
     assert tri._split_k(1, 3, torch.device("cpu")) == 3  # (5, 300, 16, 1): 3 chunks of 128
     assert tri._split_k(2, 5, torch.device("cpu")) == 4  # (3, 520, 8, 2)
     assert tri._split_k(64, 40, torch.device("cpu")) == 1  # enough tiles: no atomics
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_token_on_one_adapter(dtype):
+    """The reference's fast path (one slot covers the batch: no gather/scatter) and the kernels."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 48, generator=gen).to(dtype)
+    a = torch.randn(3, 8, 48, generator=gen).to(dtype)
+    b = torch.randn(3, 40, 8, generator=gen).to(dtype)
+    idx = torch.full((6,), 2, dtype=torch.int32)
+    want_y = x.float() @ a[2].float().T * 2.0
+    base = torch.randn(6, 50, generator=gen).to(dtype)
+    want = base.clone()
+    want[:, 5:45] = (base[:, 5:45].float() + want_y.to(dtype).float() @ b[2].float().T).to(dtype)
+    for impl in (ref, tri):
+        y = impl.lora_shrink(x, a, idx, 2.0)
+        assert_close(y, want_y, dtype)
+        assert_close(impl.lora_expand(want_y, b, idx, base.clone(), offset=5), want, dtype)
+        overwritten = impl.lora_expand(want_y, b, idx, base.clone(), add_inputs=False, offset=5)
+        assert_close(overwritten[:, 5:45], (want_y.to(dtype).float() @ b[2].float().T), dtype)
