@@ -36,9 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0: off)")
     run.add_argument("--health-port", type=int, default=8081, help="liveness /healthz port (0: off)")
     run.add_argument("--engine-image", default=DEFAULT_ENGINE_IMAGE, help="default engine image")
-    run.add_argument("--resync-seconds", type=float, default=10.0,
+    run.add_argument("--resync-seconds", type=float, default=30.0,
                      help="how often every InferenceService is re-reconciled: drift repair, status, "
-                          "live adapter loading (default 10)")
+                          "adapters on restarted replicas (default 30)")
     run.add_argument("--verbose", action="store_true", help="debug logging")
     render = sub.add_parser("render", help="print every object the operator would create (no cluster)")
     render.add_argument("-f", "--filename", required=True, help="InferenceService YAML file ('-': stdin)")

@@ -20,7 +20,7 @@ class OperatorConfig:
     metrics_port: int | None = 8080
     health_port: int | None = 8081
     engine_image: str = DEFAULT_ENGINE_IMAGE
-    resync_seconds: float = 10.0
+    resync_seconds: float = 30.0
     pod_url_template: str = "http://{ip}:8000"
     pod_timeout_seconds: float = 5.0
     api_timeout_seconds: float = 30.0

@@ -111,7 +111,10 @@ async def on_change(handler: str, body: kopf.Body, patch: kopf.Patch, memo: Any,
 
 async def on_resync(body: kopf.Body, patch: kopf.Patch, memo: Any, logger: Any,
                     rt: reconcile.Runtime, metrics: OperatorMetrics) -> None:
-    """The periodic pass: repair drift, refresh status, converge adapters. Never raises."""
+    """The periodic pass: repair drift, refresh status, converge adapters. Never raises.
+
+    It reads each child and the pods (a handful of API calls per service per period); pruning
+    children the spec dropped is left to the spec-change handlers, which are what drop them."""
     handler = "resync"
     meta = body.get("metadata") or {}
     if meta.get("deletionTimestamp"):
@@ -128,7 +131,7 @@ async def on_resync(body: kopf.Body, patch: kopf.Patch, memo: Any, logger: Any,
             return
         try:
             async with _lock(memo):
-                new = await reconcile.reconcile(rt, spec, old)
+                new = await reconcile.reconcile(rt, spec, old, do_prune=False)
         except kube.Forbidden as exc:
             metrics.reconciliations.labels(handler, "retry").inc()
             metrics.errors.labels(handler, "forbidden").inc()
