@@ -48,9 +48,11 @@ def _num_warps(block: int) -> int:
     return min(16, max(1, block // 256))
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
-    if x.dim() != 2 or weight.shape != (x.shape[1],):
-        raise ValueError(f"expected x [num_tokens, hidden] and weight [hidden]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+def _rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` as [rows, hidden] (any leading dims, as the reference accepts), last dim contiguous."""
+    if x.dim() < 1 or weight.shape != (x.shape[-1],):
+        raise ValueError(f"expected x [..., hidden] and weight [hidden]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    return last_dim_contiguous(x.reshape(-1, x.shape[-1]))
 
 
 def rms_norm(
@@ -59,17 +61,18 @@ def rms_norm(
     eps: float,
 ) -> torch.Tensor:  # [num_tokens, hidden]
     """RMSNorm computed in float32, as Hugging Face Llama does, cast back to x's dtype."""
-    _check(x, weight)
+    rows = _rows(x, weight)
     out = torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
-    if x.shape[0] == 0:
+    if rows.shape[0] == 0:
         return out
     check_device(x, weight)
-    x, weight = last_dim_contiguous(x), weight.contiguous()
-    block = pow2_at_least(x.shape[1], 16)
-    _rms_norm_kernel[(x.shape[0],)](
-        x, x, weight, out, out,
-        x.stride(0), x.stride(0), out.stride(0), out.stride(0),
-        x.shape[1], float(eps),
+    weight = weight.contiguous()
+    out_rows = out.view(-1, x.shape[-1])
+    block = pow2_at_least(rows.shape[1], 16)
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows, rows, weight, out_rows, out_rows,
+        rows.stride(0), rows.stride(0), out_rows.stride(0), out_rows.stride(0),
+        rows.shape[1], float(eps),
         HAS_RESIDUAL=False, BLOCK=block, num_warps=_num_warps(block),
     )
     return out
@@ -81,22 +84,26 @@ def fused_add_rms_norm(
     weight: torch.Tensor,  # [hidden]
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed [num_tokens, hidden], new residual [num_tokens, hidden])
-    """``residual = x + residual; return rms_norm(residual), residual`` in one pass over memory."""
-    _check(x, weight)
+    """``residual = x + residual; return rms_norm(residual), residual`` in one pass over memory.
+
+    Returns new tensors; ``x`` and ``residual`` are not modified.
+    """
     if residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} and x {tuple(x.shape)} differ in shape")
+    rows, res_rows = _rows(x, weight), _rows(residual, weight)
     sum_dtype = torch.result_type(x, residual)
     new_residual = torch.empty(x.shape, dtype=sum_dtype, device=x.device)
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, sum_dtype), device=x.device)
-    if x.shape[0] == 0:
+    if rows.shape[0] == 0:
         return out, new_residual
     check_device(x, residual, weight)
-    x, residual, weight = last_dim_contiguous(x), last_dim_contiguous(residual), weight.contiguous()
-    block = pow2_at_least(x.shape[1], 16)
-    _rms_norm_kernel[(x.shape[0],)](
-        x, residual, weight, out, new_residual,
-        x.stride(0), residual.stride(0), out.stride(0), new_residual.stride(0),
-        x.shape[1], float(eps),
+    weight = weight.contiguous()
+    out_rows, new_res_rows = out.view(-1, x.shape[-1]), new_residual.view(-1, x.shape[-1])
+    block = pow2_at_least(rows.shape[1], 16)
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows, res_rows, weight, out_rows, new_res_rows,
+        rows.stride(0), res_rows.stride(0), out_rows.stride(0), new_res_rows.stride(0),
+        rows.shape[1], float(eps),
         HAS_RESIDUAL=True, BLOCK=block, num_warps=_num_warps(block),
     )
     return out, new_residual

@@ -72,3 +72,13 @@ def test_rotary_position_zero_is_identity():
 def test_partial_rotary_is_rejected_clearly():
     with pytest.raises(ValueError, match="partial rotary"):
         triton_ops.rotary_embedding(torch.zeros(1, dtype=torch.long), torch.zeros(1, 2, 32), torch.zeros(1, 1, 32), _cos_sin_cache(4, 16))
+
+
+def test_norms_accept_leading_dimensions_like_the_reference(assert_close):
+    x, residual, weight = torch.randn(2, 3, 64), torch.randn(2, 3, 64), torch.rand(64)
+    assert_close(triton_ops.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
+    for actual, expected in zip(triton_ops.fused_add_rms_norm(x, residual, weight, 1e-6),
+                                reference.fused_add_rms_norm(x, residual, weight, 1e-6)):
+        assert_close(actual, expected)
+    with pytest.raises(ValueError, match="hidden"):
+        triton_ops.rms_norm(x, torch.ones(32), 1e-6)
