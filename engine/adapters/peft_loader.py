@@ -60,11 +60,34 @@ class LoRAAdapter:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _download(repo_id: str) -> pathlib.Path:
+    """A Hugging Face hub adapter repo's config and safetensors weights (cached by huggingface_hub)."""
+    import os
+
+    from huggingface_hub import snapshot_download
+
+    try:
+        return pathlib.Path(snapshot_download(
+            repo_id=repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin"],
+            token=os.environ.get("HF_TOKEN") or None,
+        ))
+    except Exception as exc:  # network, auth, missing repo: one clear message
+        raise LoRAAdapterError(
+            f"LoRA adapter {repo_id!r} is not a local folder and could not be downloaded from the "
+            f"Hugging Face hub: {type(exc).__name__}: {exc}"
+        ) from None
+
+
 def resolve_adapter_dir(path: str, adapter_root: str | pathlib.Path | None) -> pathlib.Path:
     """The adapter folder ``path`` with symlinks resolved, checked to lie inside ``adapter_root``.
 
     A relative ``path`` is taken relative to ``adapter_root`` (or the working directory when there
-    is no root). With no root, any local folder is allowed (offline use); a server sets one.
+    is no root). With no root, any local folder is allowed (offline use), and a ``org/name`` that
+    is not a local path is downloaded from the Hugging Face hub (as vLLM does); with a root (a
+    server), only folders under it are.
     """
     if not isinstance(path, str) or not path.strip():
         raise LoRAAdapterError("lora_path must be a non-empty string")
@@ -80,6 +103,8 @@ def resolve_adapter_dir(path: str, adapter_root: str | pathlib.Path | None) -> p
             )
     else:
         real = raw.resolve()
+        if not real.exists() and _HUB_ID.fullmatch(path):
+            real = _download(path)
     if not real.exists():
         raise LoRAAdapterError(f"LoRA adapter folder {path!r} does not exist")
     if not real.is_dir():

@@ -193,3 +193,33 @@ def test_package_builder_writes_what_peft_loads(tiny_checkpoint, tmp_path):
         assert not torch.allclose(up(x), up.base_layer(x), atol=1e-3)
     with pytest.raises(ValueError, match="unknown target modules"):
         build_lora_adapter(tiny_checkpoint, tmp_path / "b", target_modules=["lm_head"])
+
+
+def test_hub_ids_download_only_without_a_root(tiny_checkpoint, make_adapter, adapter_root, tmp_path, monkeypatch):
+    """``org/name`` that is no local folder comes from the hub (huggingface_hub is replaced by a
+    local stand-in here: no network in tests); with an adapter root, hub ids are refused."""
+    import huggingface_hub
+
+    src = make_adapter(tiny_checkpoint, seed=7)
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns, token=None, **_):
+        calls.append((repo_id, tuple(allow_patterns)))
+        if repo_id != "acme/my-lora":
+            raise OSError("404 Client Error: Repository Not Found")
+        dst = tmp_path / "hub" / repo_id.replace("/", "--")
+        if not dst.exists():
+            shutil.copytree(src, dst)
+        return str(dst)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    assert load("acme/my-lora", tiny_checkpoint).rank == 4
+    assert calls == [("acme/my-lora", ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"))]
+    with pytest.raises(LoRAAdapterError, match="could not be downloaded.*Repository Not Found"):
+        load("acme/missing", tiny_checkpoint)
+    with pytest.raises(LoRAAdapterError, match="outside the allowed adapter root|does not exist"):
+        load("acme/my-lora", tiny_checkpoint, root=adapter_root)
+    assert len(calls) == 2
+    with pytest.raises(LoRAAdapterError, match="does not exist"):
+        load("./acme/other", tiny_checkpoint)  # an explicit relative path is never a hub id
