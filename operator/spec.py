@@ -156,10 +156,12 @@ class InferenceServiceSpec:
 
     @property
     def desired_replicas(self) -> int:
-        """spec.replicas (what kubectl scale / autoscalers write) else the autoscaling floor, else 1."""
+        """spec.replicas (what kubectl scale / autoscalers write); else the autoscaling floor but at
+        least 1, so a scale-to-zero service starts loaded and KEDA idles it after its
+        initialCooldownPeriod; else 1."""
         if self.replicas is not None:
             return self.replicas
-        return self.autoscaling.min_replicas if self.autoscaling else 1
+        return max(self.autoscaling.min_replicas, 1) if self.autoscaling else 1
 
 
 class _Reader:

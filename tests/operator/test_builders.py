@@ -228,7 +228,7 @@ def test_keda_scale_to_zero(make_body):
     assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
     assert trigger["metadata"]["query"] == 'sum(vllm:num_requests_waiting{namespace="ml",model_name="tiny"})'
     assert trigger["metadata"]["threshold"] == "4"
-    assert kids["Deployment"]["spec"]["replicas"] == 0  # starts idle
+    assert kids["Deployment"]["spec"]["replicas"] == 1  # starts loaded; KEDA idles it after the cooldowns
     assert "HorizontalPodAutoscaler" not in kids
 
 

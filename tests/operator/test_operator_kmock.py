@@ -236,7 +236,7 @@ async def test_optional_apis_and_pruning(cluster, make_body, wait):
     # KEDA and the Prometheus Operator are not installed: reported, not fatal.
     await wait(lambda: "ScaledObjectAPIMissing" in cluster.condition("ml", "demo", "Degraded").get("reason", ""))
     assert "ServiceMonitor" in cluster.condition("ml", "demo", "Degraded")["message"]
-    assert cluster.get("Deployment", "ml", "demo")["spec"]["replicas"] == 0
+    assert cluster.get("Deployment", "ml", "demo")["spec"]["replicas"] == 1
     # Switching to HPA creates the HPA; dropping autoscaling prunes it.
     await cluster.update_spec("ml", "demo", {"autoscaling": {"provider": "hpa", "minReplicas": 1, "maxReplicas": 2},
                                              "monitoring": None})
