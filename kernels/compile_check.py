@@ -167,8 +167,8 @@ def compile_launch(launch: Launch, arch: int = 90) -> CompiledLaunch:
 
 def standard_launches() -> list[Launch]:
     """The launches a Llama-3.1-8B-shaped model makes (32/8 heads, head_dim 128, hidden 4096), in
-    bf16 and fp32 (attention in fp16 too), plus head_dim 64, 80 (padded to 128) and 256 attention in bf16; decode both
-    with and without split-K."""
+    bf16 and fp32 (attention in fp16 too), plus bf16 attention with head_dim 64, 80 (padded to
+    128) and 256; decode both with and without split-K."""
     launches: list[Launch] = []
     for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
         for heads, kv_heads, head_dim in ((32, 8, 128), (32, 8, 64), (32, 8, 80), (8, 4, 256)):
