@@ -1,10 +1,10 @@
 """The dashboards, alerts and autoscaling query against a real Prometheus scraping real engines.
 
-One module-scoped stack: two `pageant serve` processes on a tiny checkpoint ("tiny-chat", and
-"tiny-spare" which is stopped to play a dead replica), the operator's metrics endpoint (its real
-OperatorMetrics registry served as `pageant operator run` serves it, fed with reconciliations the
-way pageant.operator.operations records them: no cluster here, so no real kopf loop), and Debian's
-`prometheus` scraping them every second with the chart's rules loaded (thresholds lowered so that they fire under load). A
+One module-scoped stack (charts/pageant/tools/live_stack.py): two `pageant serve` processes on a
+tiny checkpoint ("tiny-chat", and "tiny-spare" which is stopped to play a dead replica), the
+operator's metrics endpoint (its real OperatorMetrics registry served as `pageant operator run`
+serves it, fed with reconciliations the way pageant.operator.operations records them: no cluster
+here, so no real kopf loop), and Debian's `prometheus` scraping them every second with the chart's rules loaded (thresholds lowered so that they fire under load). A
 load generator (the real `openai` client, plus a few invalid requests) overloads tiny-chat. Then:
 every dashboard query and every alert expression returns data with the labels its legend or
 annotations use; Prometheus evaluates every rule without error; the query the operator renders for
@@ -17,130 +17,25 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import math
-import os
 import pathlib
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.parse
-import urllib.request
 
 import pytest
 import yaml
 
 pytestmark = pytest.mark.slow
-
-LOAD_SECONDS = 20
 NAMESPACE = "ml"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LOAD_SECONDS = 20
 
 
-def _get(url: str, timeout: float = 5) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError:
-        return 0, ""
-
-
-def _wait(url: str, procs: list[subprocess.Popen], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _get(url, 2)[0] == 200:
-            return
-        for p in procs:
-            assert p.poll() is None, f"{what} exited with {p.returncode}"
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} not ready after {timeout}s ({url})")
-
-
-class Prom:
-    """A tiny client of the Prometheus HTTP API."""
-
-    def __init__(self, url: str):
-        self.url = url
-
-    def api(self, path: str, **params) -> dict:
-        status, body = _get(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}", 30)
-        data = json.loads(body)
-        assert status == 200 and data["status"] == "success", (path, params, body[:500])
-        return data["data"]
-
-    def query(self, expr: str, at: float | None = None) -> list[dict]:
-        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
-        return self.api("query", **params)["result"]
-
-    def scalar(self, expr: str, at: float | None = None) -> float | None:
-        result = self.query(expr, at)
-        assert len(result) <= 1, result
-        return float(result[0]["value"][1]) if result else None
-
-
-def _engine_metric(port: int, name: str, model: str) -> float:
-    _, text = _get(f"http://127.0.0.1:{port}/metrics")
-    m = re.search(rf'^{re.escape(name)}\{{model_name="{model}"\}} (\S+)$', text, re.M)
-    assert m, f"{name} not in the engine's /metrics"
-    return float(m.group(1))
-
-
-def _start_engine(ckpt: pathlib.Path, name: str, port: int, log: pathlib.Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pageant.cli", "serve", "--model", str(ckpt), "--served-model-name", name,
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32", "--seed", "0",
-           "--max-num-seqs", "2", "--max-queued-requests", "256", "--num-kv-blocks", "32", "--block-size", "16",
-           "--enable-prefix-caching", "--disable-log-requests", "--uvicorn-log-level", "warning",
-           "--shutdown-timeout", "5"]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-OPERATOR_FEEDER = """
-import random, sys, time
-from prometheus_client import start_http_server
-from pageant.operator.metrics import OperatorMetrics
-
-m = OperatorMetrics()
-start_http_server(int(sys.argv[1]), addr="127.0.0.1", registry=m.registry)
-m.track("ml", "tiny-chat", True)
-m.track("ml", "tiny-spare", True)
-rng = random.Random(0)
-while True:
-    for handler in ("create", "update", "resync", "resync", "resync"):
-        with m.timed(handler):
-            time.sleep(rng.uniform(0.005, 0.05))
-        if handler == "resync" and rng.random() < 0.2:
-            m.reconciliations.labels(handler, "retry").inc()
-            m.errors.labels(handler, "api_error").inc()
-        else:
-            m.reconciliations.labels(handler, "success").inc()
-    time.sleep(0.2)
-"""
-
-
-def _render_autoscaler(tmp: pathlib.Path, provider: str, metric: str, prometheus_url: str) -> dict:
+def _render_autoscaler(tmp: pathlib.Path, provider: str, metric: str, prometheus_url: str, namespace: str) -> dict:
     """`pageant operator render` of tiny-chat with autoscaling; returns the ScaledObject or HPA."""
     isvc = {"apiVersion": "pageant.dev/v1alpha1", "kind": "InferenceService",
-            "metadata": {"name": "tiny-chat", "namespace": NAMESPACE},
+            "metadata": {"name": "tiny-chat", "namespace": namespace},
             "spec": {"model": {"name": "tiny-chat", "pvc": {"claimName": "models", "path": "tiny"}},
                      "autoscaling": {"provider": provider, "minReplicas": 1, "maxReplicas": 3, "metric": metric,
                                      "target": 2, "prometheusAddress": prometheus_url}}}
@@ -154,125 +49,58 @@ def _render_autoscaler(tmp: pathlib.Path, provider: str, metric: str, prometheus
     return obj
 
 
-def _keda_queries(tmp: pathlib.Path, prometheus_url: str) -> dict[str, str]:
-    """The PromQL the operator puts into the ScaledObject for tiny-chat, per autoscaling signal."""
-    return {metric: _render_autoscaler(tmp, "keda", metric, prometheus_url)["spec"]["triggers"][0]["metadata"]["query"]
-            for metric in ("WaitingRequests", "RunningRequests", "KVCacheUsage")}
-
-
-def _load(base_url: str, stop_at: float, prompts: list[str]) -> dict[str, int]:
-    """Closed-loop load from 12 workers with the openai client, plus invalid requests; returns counts."""
-    import httpx
-    import openai
-
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-    counts = {"ok": 0, "rejected": 0}
-    lock = threading.Lock()
-
-    def worker(i: int) -> None:
-        n = 0
-        while time.monotonic() < stop_at:
-            n += 1
-            prompt = prompts[(i + n) % len(prompts)]
-            if i == 0 and n % 3 == 0:  # invalid input: a 4xx that the engine counts as a failure
-                r = httpx.post(f"{base_url}/v1/completions", json={"model": "tiny-chat", "prompt": "x",
-                                                                   "max_tokens": -1}, timeout=30)
-                assert 400 <= r.status_code < 500, r.text
-                with lock:
-                    counts["rejected"] += 1
-                continue
-            if n % 2:
-                stream = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=40, stream=True,
-                                                   temperature=0.8, seed=n)
-                for _ in stream:
-                    pass
-            else:
-                client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": prompt}],
-                                               max_tokens=40, temperature=0.8, seed=n)
-            with lock:
-                counts["ok"] += 1
-
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        for f in [pool.submit(worker, i) for i in range(12)]:
-            f.result()
-    return counts
+@pytest.fixture(scope="module")
+def stack(obs):
+    return obs.load_tool("live_stack")
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, obs):
+def live(tmp_path_factory, obs, stack):
     """Run the whole scenario once; tests assert on what it recorded."""
-    prometheus = shutil.which("prometheus")
-    assert prometheus, "prometheus not found: apt-get install prometheus (CI does)"
     from pageant.engine.testing import build_checkpoint
 
     tmp = tmp_path_factory.mktemp("live")
     ckpt = build_checkpoint(tmp / "ckpt")
-    chat_port, spare_port, prom_port = _free_port(), _free_port(), _free_port()
-    procs: list[subprocess.Popen] = []
+    ports = {"tiny-chat": stack.free_port(), "tiny-spare": stack.free_port()}
+    chat_port, op_port, prom_port = ports["tiny-chat"], stack.free_port(), stack.free_port()
+    procs = [stack.start_engine(ckpt, name, port, tmp / f"{name}.log") for name, port in ports.items()]
+    spare = procs[1]
     try:
-        chat = _start_engine(ckpt, "tiny-chat", chat_port, tmp / "chat.log")
-        spare = _start_engine(ckpt, "tiny-spare", spare_port, tmp / "spare.log")
-        procs += [chat, spare]
-        op_port = _free_port()
-        operator = subprocess.Popen([sys.executable, "-c", OPERATOR_FEEDER, str(op_port)],
-                                    stdout=(tmp / "operator.log").open("w"), stderr=subprocess.STDOUT)
-        procs.append(operator)
-
-        # The chart's rules with thresholds at zero and no `for`, so they fire under this load.
+        procs.append(stack.start_operator_metrics(op_port, tmp / "operator.log"))
+        # The chart's rules with thresholds at zero and no `for`, so that they fire under this load.
         zero = {"for": "0s"}
-        groups = obs.rule_groups(
-            "prometheusRule.alerts.kvCacheSaturated=" + json.dumps({"enabled": True, "threshold": 0, "severity": "warning", **zero}),
-            "prometheusRule.alerts.queueGrowing=" + json.dumps({"enabled": True, "threshold": 0, "window": "5m", "severity": "warning", **zero}),
-            "prometheusRule.alerts.ttftHigh=" + json.dumps({"enabled": True, "thresholdSeconds": 0, "window": "1m", "severity": "warning", **zero}),
-            "prometheusRule.alerts.noReadyReplicas=" + json.dumps({"enabled": True, "lookback": "1h", "severity": "critical", **zero}),
-            "prometheusRule.alerts.operatorReconcileErrors=" + json.dumps({"enabled": True, "threshold": 0, "window": "1m", "severity": "warning", **zero}),
-        )
-        (tmp / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
-        target = lambda port, name: {"targets": [f"127.0.0.1:{port}"], "labels": {  # noqa: E731
-            "namespace": NAMESPACE, "pod": f"{name}-5d8c7b9f4-x2x9k", "pageant_dev_inferenceservice": name}}
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "900ms"},
-                  "rule_files": [str(tmp / "rules.yaml")],
-                  "scrape_configs": [
-                      {"job_name": "pageant-engines",
-                       "static_configs": [target(chat_port, "tiny-chat"), target(spare_port, "tiny-spare")]},
-                      # The job and namespace a ServiceMonitor of release "pt" in pageant-system gives.
-                      {"job_name": "pt-pageant-operator-metrics", "static_configs": [{
-                          "targets": [f"127.0.0.1:{op_port}"],
-                          "labels": {"namespace": "pageant-system", "pod": "pt-pageant-operator-6f7d8-abcde"}}]},
-                  ]}
-        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-        prom_proc = subprocess.Popen([prometheus, f"--config.file={tmp / 'prometheus.yml'}",
-                                      f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}",
-                                      "--log.level=warn"], stdout=(tmp / "prometheus.log").open("w"), stderr=subprocess.STDOUT)
-        procs.append(prom_proc)
-        prom = Prom(f"http://127.0.0.1:{prom_port}")
-        _wait(f"{prom.url}/-/ready", [prom_proc], 60, "prometheus")
-        _wait(f"http://127.0.0.1:{chat_port}/ready", [chat, spare], 180, "pageant serve tiny-chat")
-        _wait(f"http://127.0.0.1:{spare_port}/ready", [chat, spare], 180, "pageant serve tiny-spare")
+        groups = obs.rule_groups(*(f"prometheusRule.alerts.{k}=" + json.dumps({"enabled": True, **v, **zero}) for k, v in {
+            "kvCacheSaturated": {"threshold": 0, "severity": "warning"},
+            "queueGrowing": {"threshold": 0, "window": "5m", "severity": "warning"},
+            "ttftHigh": {"thresholdSeconds": 0, "window": "1m", "severity": "warning"},
+            "noReadyReplicas": {"lookback": "1h", "severity": "critical"},
+            "operatorReconcileErrors": {"threshold": 0, "window": "1m", "severity": "warning"},
+        }.items()))
+        procs.append(stack.start_prometheus(tmp, prom_port, ports, op_port, groups))
+        prom = stack.Prom(f"http://127.0.0.1:{prom_port}")
+        stack.wait_http(f"{prom.url}/-/ready", procs, 60, "prometheus")
+        for name, port in ports.items():
+            stack.wait_http(f"http://127.0.0.1:{port}/ready", procs, 180, f"pageant serve {name}")
         deadline = time.monotonic() + 30
         while prom.scalar("sum(up)") != 3 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert prom.scalar("sum(up)") == 3, "Prometheus does not scrape both engines and the operator"
 
-        keda = _keda_queries(tmp, prom.url)
-        rec: dict = {"prom": prom, "tmp": tmp, "keda": keda, "chat_port": chat_port}
+        keda = {metric: _render_autoscaler(tmp, "keda", metric, prom.url, stack.NAMESPACE)
+                ["spec"]["triggers"][0]["metadata"]["query"] for metric in ("WaitingRequests", "RunningRequests", "KVCacheUsage")}
+        rec: dict = {"prom": prom, "tmp": tmp, "keda": keda}
+        waiting = lambda: stack.engine_metric(chat_port, "vllm:num_requests_waiting", "tiny-chat")  # noqa: E731
         time.sleep(2)
-        rec["idle_before"] = (prom.scalar(keda["WaitingRequests"]),
-                              _engine_metric(chat_port, "vllm:num_requests_waiting", "tiny-chat"))
+        rec["idle_before"] = (prom.scalar(keda["WaitingRequests"]), waiting())
 
-        _stop(spare)  # a replica that served and died: its target stays, with up == 0
+        stack.stop(spare)  # a replica that served and died: its target stays, with up == 0
 
-        prompts = [("You are a helpful assistant. " * 6) + q for q in
-                   ("Tell me about Python.", "What is a list?", "Explain dictionaries.", "How do loops work?")]
-        start = time.time()
-        rec["load_start"] = start
         samples: list[tuple[float, float | None, float]] = []
         stop_at = time.monotonic() + LOAD_SECONDS
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            load = pool.submit(_load, f"http://127.0.0.1:{chat_port}", stop_at, prompts)
+            load = pool.submit(stack.run_load, f"http://127.0.0.1:{chat_port}", LOAD_SECONDS, "tiny-chat")
             while not load.done():
-                samples.append((time.time(), prom.scalar(keda["WaitingRequests"]),
-                                _engine_metric(chat_port, "vllm:num_requests_waiting", "tiny-chat")))
+                samples.append((time.time(), prom.scalar(keda["WaitingRequests"]), waiting()))
                 if time.monotonic() < stop_at - 3:
                     rec["overload_time"] = time.time()
                 time.sleep(1)
@@ -282,8 +110,7 @@ def live(tmp_path_factory, obs):
         rec["at"] = min(rec["overload_time"], rec["load_end"] - 3)  # a moment under full load
 
         time.sleep(4)  # scrapes of the idle engine
-        rec["idle_after"] = (prom.scalar(keda["WaitingRequests"]),
-                             _engine_metric(chat_port, "vllm:num_requests_waiting", "tiny-chat"))
+        rec["idle_after"] = (prom.scalar(keda["WaitingRequests"]), waiting())
         rec["keda_at_load"] = {m: prom.scalar(q, rec["at"]) for m, q in keda.items()}
         rec["rules"] = prom.api("rules")["groups"]
         rec["alerts_at_load"] = prom.query('ALERTS{alertstate="firing"}', rec["at"])
@@ -291,7 +118,7 @@ def live(tmp_path_factory, obs):
         yield rec
     finally:
         for p in procs:
-            _stop(p)
+            stack.stop(p)
 
 
 # Labels that are empty (so absent in Prometheus) when no adapter has requests.
@@ -368,7 +195,7 @@ def test_keda_query_equals_the_engine_sample(live):
         assert prom.scalar(live["keda"]["WaitingRequests"], float(ts)) == float(value)
 
 
-def test_prometheus_adapter_rule_serves_the_hpa_metric(live, obs):
+def test_prometheus_adapter_rule_serves_the_hpa_metric(live, obs, stack):
     """The README's prometheus-adapter rule, evaluated the way the adapter does, gives the HPA the
     per-pod metric the operator names, with the engine's value."""
     readme = (obs.CHART / "README.md").read_text()
@@ -380,11 +207,11 @@ def test_prometheus_adapter_rule_serves_the_hpa_metric(live, obs):
     assert {"vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"} <= names
     for metric, engine_name in (("WaitingRequests", "vllm:num_requests_waiting"),
                                 ("KVCacheUsage", "vllm:kv_cache_usage_perc")):
-        hpa = _render_autoscaler(live["tmp"], "hpa", metric, prom.url)
+        hpa = _render_autoscaler(live["tmp"], "hpa", metric, prom.url, NAMESPACE)
         hpa_name = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
         as_ = rule["name"]["as"].replace("${1}", r"\1")
         assert re.sub(rule["name"]["matches"], as_, engine_name) == hpa_name
-        pod = "tiny-chat-5d8c7b9f4-x2x9k"
+        pod = stack.pod_name("tiny-chat")
         query = (rule["metricsQuery"].replace("<<.GroupBy>>", "pod").replace("<<.Series>>", engine_name)
                  .replace("<<.LabelMatchers>>", f'namespace="{NAMESPACE}",pod=~"{pod}"'))
         (value,) = prom.query(query, at)

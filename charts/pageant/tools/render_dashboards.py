@@ -119,14 +119,16 @@ def render_dashboard(dash: dict, prometheus: str, start: float, end: float, step
             ax.axis("off")
             cells = [[n, datetime.fromtimestamp(v).strftime("%H:%M:%S") if math.isfinite(v) else "-"] for n, v in rows]
             if cells:
-                tbl = ax.table(cellText=cells, colLabels=["series", "last change"], loc="upper left", cellLoc="left",
-                               colWidths=[0.8, 0.2])
+                tbl = ax.table(cellText=cells, colLabels=["series", "last change"], cellLoc="left",
+                               colWidths=[0.8, 0.2], bbox=[0, 1 - min(1.0, 0.15 * (len(cells) + 1)), 1,
+                                                                  min(1.0, 0.15 * (len(cells) + 1))])
                 tbl.auto_set_font_size(False)
                 tbl.set_fontsize(9)
             else:
                 ax.text(0.5, 0.5, "no data", ha="center", transform=ax.transAxes)
             continue
         _format_axis(ax, unit)
+        ax.xaxis.set_major_locator(mdates.AutoDateLocator(maxticks=max(3, grid["w"] // 2)))
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
