@@ -180,3 +180,22 @@ def test_operator_flags_from_values(render):
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--verbose" in args and args[args.index("--resync-seconds") + 1] == "30"
     assert args[args.index("--engine-image") + 1] == "ghcr.io/pageant-project/pageant-engine:v9"
+
+
+def test_helm_package_ships_what_it_needs(helm, render, tmp_path):
+    """The packaged chart (what users install from a repository) renders the same objects and
+    leaves out the development tools and PNGs."""
+    import tarfile
+
+    out = helm("package", str(CHART), "--destination", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    (tgz,) = tmp_path.glob("pageant-*.tgz")
+    with tarfile.open(tgz) as tar:
+        names = set(tar.getnames())
+    for needed in ("values.schema.json", "files/crds/pageant.dev_inferenceservices.yaml", "files/rbac/operator-rules.yaml",
+                   "files/dashboards/engine.json", "files/dashboards/operator.json", "templates/NOTES.txt", "README.md"):
+        assert f"pageant/{needed}" in names, needed
+    assert not [n for n in names if "/tools/" in n or n.endswith(".png") or "__pycache__" in n]
+    packaged = helm("template", "pt", str(tgz), "--namespace", "pageant-system")
+    assert packaged.returncode == 0, packaged.stderr
+    assert packaged.stdout == render(raw=True)
