@@ -18,35 +18,36 @@ def make_registry(config: OperatorConfig, rt: Runtime, metrics: OperatorMetrics)
     """A fresh registry bound to this operator's config (so tests can run several)."""
     registry = kopf.OperatorRegistry()
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(id="startup", registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         operations.configure(settings, config)
 
-    @kopf.on.login(registry=registry)
+    @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> Any:
         return operations.login(config, rt, **kwargs)
 
-    @kopf.on.cleanup(registry=registry)
+    @kopf.on.cleanup(id="cleanup", registry=registry)
     async def cleanup(**_: Any) -> None:
         await operations.cleanup(rt)
 
-    @kopf.on.resume(*RESOURCE, registry=registry)
+    @kopf.on.resume(*RESOURCE, id="resume", registry=registry)
     async def resume(body: kopf.Body, patch: kopf.Patch, memo: Any, retry: int, **_: Any) -> None:
         await operations.on_change("resume", body, patch, memo, retry, rt, metrics)
 
-    @kopf.on.create(*RESOURCE, registry=registry)
+    @kopf.on.create(*RESOURCE, id="create", registry=registry)
     async def create(body: kopf.Body, patch: kopf.Patch, memo: Any, retry: int, **_: Any) -> None:
         await operations.on_change("create", body, patch, memo, retry, rt, metrics)
 
-    @kopf.on.update(*RESOURCE, field="spec", registry=registry)
+    @kopf.on.update(*RESOURCE, field="spec", id="update", registry=registry)
     async def update(body: kopf.Body, patch: kopf.Patch, memo: Any, retry: int, **_: Any) -> None:
         await operations.on_change("update", body, patch, memo, retry, rt, metrics)
 
-    @kopf.timer(*RESOURCE, interval=config.resync_seconds, initial_delay=config.resync_seconds, registry=registry)
+    @kopf.timer(*RESOURCE, id="resync", interval=config.resync_seconds, initial_delay=config.resync_seconds,
+                registry=registry)
     async def resync(body: kopf.Body, patch: kopf.Patch, memo: Any, logger: Any, **_: Any) -> None:
         await operations.on_resync(body, patch, memo, logger, rt, metrics)
 
-    @kopf.on.delete(*RESOURCE, optional=True, registry=registry)
+    @kopf.on.delete(*RESOURCE, id="delete", optional=True, registry=registry)
     def delete(body: kopf.Body, **_: Any) -> None:
         operations.on_delete(body, metrics)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import kopf
 import os
+import re
 import pathlib
 from typing import Any, Callable
 
@@ -121,6 +122,29 @@ IS_RESOURCE = "pageant.dev/v1alpha1/inferenceservices"
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 
 
+QUALIFIED_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                           r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+def _check_metadata_keys(data) -> None:
+    """Reject label/annotation keys a real API server would reject (422)."""
+    keys: list[str] = []
+    if isinstance(data, dict):
+        meta = data.get("metadata") or {}
+        keys = list((meta.get("labels") or {}).keys()) + list((meta.get("annotations") or {}).keys())
+    elif isinstance(data, list):
+        for op in data:
+            path = op.get("path", "")
+            for prefix in ("/metadata/annotations/", "/metadata/labels/"):
+                if path.startswith(prefix):
+                    keys.append(path[len(prefix):].replace("~1", "/").replace("~0", "~"))
+                elif path in (prefix.rstrip("/"),) and isinstance(op.get("value"), dict):
+                    keys += list(op["value"])
+    for key in keys:
+        if not QUALIFIED_KEY.match(key) or len(key.split("/")[-1]) > 63:
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=f"invalid metadata key {key!r}")
+
+
 @attrs.define(kw_only=True)
 class Emulator(kmock.KubernetesEmulator):
     """kmock's emulator plus what a real API server adds and kopf relies on: a resourceVersion that
@@ -131,6 +155,7 @@ class Emulator(kmock.KubernetesEmulator):
     async def _handle(self, request):
         data = request.data
         if request.resource is not None and request.action in (kmock.action.CREATE, kmock.action.UPDATE):
+            _check_metadata_keys(data)
             self._version += 1
             rv = str(self._version)
             if isinstance(data, dict):
