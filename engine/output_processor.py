@@ -122,6 +122,8 @@ class OutputProcessor:
         with the highest cumulative logprob."""
         finished = request.is_finished
         params = request.params
+        if params.prompt_logprobs is not None and request.prompt_logprobs is None:
+            request.prompt_logprobs = [None]  # a one-token prompt has nothing to score
         seqs = request.seqs
         if finished and params.num_samples > params.n:
             seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)

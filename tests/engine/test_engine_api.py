@@ -227,3 +227,30 @@ def test_chat_and_priority(llm):
     assert [o.request_id for o in outs] == sorted(o.request_id for o in outs)
     with pytest.raises(InvalidRequestError):
         llm.chat([{"role": "user"}], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_prompt_logprobs_survive_chunked_prefill_and_preemption(tiny_checkpoint, llm):
+    prompt = {"prompt_token_ids": [1] + list(range(30, 75))}
+    params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=2, ignore_eos=True)
+    whole = llm.generate(prompt, params, use_tqdm=False)[0]
+    chunked = LLM(model=tiny_checkpoint, max_num_batched_tokens=7, num_kv_blocks=13, block_size=4)
+    # the short request arrives first, so the long one is the newest and gets preempted
+    part = chunked.generate([{"prompt_token_ids": [9]}, prompt], [params.clone(max_tokens=30), params],
+                            use_tqdm=False)[::-1]
+    assert len(part[0].prompt_logprobs) == 46 and part[0].prompt_logprobs[0] is None
+    for a, b in zip(whole.prompt_logprobs[1:], part[0].prompt_logprobs[1:]):
+        assert a.keys() == b.keys()
+        for tid in a:
+            assert abs(a[tid].logprob - b[tid].logprob) < 1e-4 and a[tid].rank == b[tid].rank
+    assert part[0].outputs[0].token_ids == whole.outputs[0].token_ids
+    assert part[1].prompt_logprobs == [None]
+    assert chunked.stats()["num_preemptions"] > 0
+
+
+def test_bfloat16_runs(tiny_checkpoint):
+    llm = LLM(model=tiny_checkpoint, dtype="bfloat16", num_kv_blocks=32, block_size=8)
+    assert llm.engine.runner.kv_cache.dtype == torch.bfloat16
+    out = llm.generate(["hello", "a longer prompt here"], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                       use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 5 for o in out)
+    assert llm.stats()["num_free_kv_blocks"] == 32
