@@ -56,9 +56,8 @@ def test_namespaced_mode(render):
     namespaced = {g for g in everything if g[1] not in CLUSTER_SCOPED}
     for role in roles:
         assert _canon(role["rules"]) == namespaced
-    (cr,) = [o for o in objs if o["kind"] == "ClusterRole"]
-    # Only reading the CRD is cluster-wide; listing namespaces is for all-namespaces mode only.
-    assert _canon(cr["rules"]) == {g for g in everything if g[1] == "customresourcedefinitions"}
+    # With --namespace the operator scans nothing cluster-wide: no cluster-scoped permission at all.
+    assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     for b in bindings:
         assert b["roleRef"]["kind"] == "Role" and b["subjects"][0]["namespace"] == "pageant-system"
 

@@ -80,8 +80,8 @@ app.kubernetes.io/component: operator
 {{/*
 The operator's PolicyRules (files/rbac/operator-rules.yaml, synced from pageant.operator.rbac.RULES),
 split by scope. "pageant.rules.namespaced": rules on namespaced resources. "pageant.rules.cluster":
-rules on cluster-scoped resources; `namespaces` only when the operator watches all namespaces.
-Each renders a YAML list (or "[]").
+rules on cluster-scoped resources (watching CRDs), needed only when the operator watches all
+namespaces: with --namespace it disables kopf's cluster-wide scanning. Each renders a YAML list.
 */}}
 {{- define "pageant.rules.all" -}}
 {{- .Files.Get "files/rbac/operator-rules.yaml" -}}
@@ -109,7 +109,7 @@ customresourcedefinitions namespaces
 {{- range (include "pageant.rules.all" . | fromYamlArray) -}}
 {{- $cluster := false -}}
 {{- range .resources -}}{{- if has . $clusterScoped -}}{{- $cluster = true -}}{{- end -}}{{- end -}}
-{{- if and $cluster (or $allNamespaces (not (has "namespaces" .resources))) -}}{{- $out = append $out . -}}{{- end -}}
+{{- if and $cluster $allNamespaces -}}{{- $out = append $out . -}}{{- end -}}
 {{- end -}}
 {{- toYaml $out -}}
 {{- end -}}

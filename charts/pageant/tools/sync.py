@@ -23,8 +23,8 @@ RULES_DST = CHART / "files" / "rbac" / "operator-rules.yaml"
 RULES_HEADER = """\
 # The operator's PolicyRules: exactly the API groups, resources and verbs it uses (no wildcards,
 # no Secrets). Generated from `pageant.operator.rbac.RULES` by tools/sync.py; a test fails when the
-# two differ. Rules on cluster-scoped resources (customresourcedefinitions, namespaces) go into a
-# ClusterRole even in namespaced mode (namespaces only in all-namespaces mode).
+# two differ. Rules on cluster-scoped resources (customresourcedefinitions, namespaces) are granted
+# only in all-namespaces mode; namespaced mode gets Roles in the watched namespaces only.
 """
 
 
