@@ -66,7 +66,10 @@ def _errors_route_responses() -> dict:
 
 def _generation_responses() -> dict:
     responses = _errors_route_responses()
-    responses[200] = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    # With `"stream": true`: server-sent events, each `data:` a JSON chunk (then `data: [DONE]`).
+    event = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+             "required": ["data"]}
+    responses[200] = {"content": {"text/event-stream": {"schema": event}}}
     return responses
 
 
