@@ -25,7 +25,8 @@ HPA_METRIC_NAMES = {k: v.replace(":", "_") for k, v in SIGNALS.items()}
 
 def promql(spec: InferenceServiceSpec) -> str:
     a = spec.autoscaling
-    assert a is not None
+    if a is None:
+        raise ValueError("promql() needs spec.autoscaling")
     if a.metric == "Custom":
         return a.query or ""
     return f'sum({SIGNALS[a.metric]}{{namespace="{spec.namespace}",model_name="{spec.model.name}"}})'
@@ -43,7 +44,8 @@ def scaled_object(spec: InferenceServiceSpec) -> dict[str, Any]:
     """KEDA ScaledObject with a Prometheus trigger. minReplicas 0 becomes idleReplicaCount 0 (KEDA's
     scale to zero) with minReplicaCount 1 while active; initialCooldownPeriod covers model load."""
     a = spec.autoscaling
-    assert a is not None and a.provider == "keda"
+    if a is None or a.provider != "keda":
+        raise ValueError("scaled_object() needs spec.autoscaling with provider keda")
     body: dict[str, Any] = {
         "scaleTargetRef": _scale_target(spec),
         "pollingInterval": a.polling_interval_seconds,
@@ -64,7 +66,8 @@ def scaled_object(spec: InferenceServiceSpec) -> dict[str, Any]:
 def horizontal_pod_autoscaler(spec: InferenceServiceSpec) -> dict[str, Any]:
     """autoscaling/v2 HPA on a per-pod metric from prometheus-adapter (average per replica)."""
     a = spec.autoscaling
-    assert a is not None and a.provider == "hpa"
+    if a is None or a.provider != "hpa":
+        raise ValueError("horizontal_pod_autoscaler() needs spec.autoscaling with provider hpa")
     metric = a.hpa_metric_name or HPA_METRIC_NAMES[a.metric]
     return {
         "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",

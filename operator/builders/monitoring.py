@@ -10,7 +10,8 @@ from pageant.operator.spec import InferenceServiceSpec
 
 def monitor(spec: InferenceServiceSpec) -> dict[str, Any]:
     m = spec.monitoring
-    assert m is not None
+    if m is None:
+        raise ValueError("monitor() needs spec.monitoring")
     endpoint = {"port": "http", "path": "/metrics", "interval": m.interval}
     key = "endpoints" if m.kind == "ServiceMonitor" else "podMetricsEndpoints"
     return {

@@ -31,7 +31,8 @@ def adapters_config_map(spec: InferenceServiceSpec) -> dict[str, Any]:
 
 def cache_pvc(spec: InferenceServiceSpec) -> dict[str, Any]:
     c = spec.model.cache
-    assert c is not None
+    if c is None:
+        raise ValueError("the model cache needs spec.model.cache")
     pvc_spec: dict[str, Any] = {"accessModes": [c.access_mode], "resources": {"requests": {"storage": c.size}}}
     if c.storage_class_name:
         pvc_spec["storageClassName"] = c.storage_class_name
@@ -42,7 +43,8 @@ def cache_pvc(spec: InferenceServiceSpec) -> dict[str, Any]:
 def download_job(spec: InferenceServiceSpec) -> dict[str, Any]:
     """A Job that downloads the model into the cache PVC once and writes a marker file."""
     c = spec.model.cache
-    assert c is not None
+    if c is None:
+        raise ValueError("the model cache needs spec.model.cache")
     env: list[dict[str, Any]] = [
         {"name": "MODEL_REPO", "value": c.hub.repo}, {"name": "MODEL_REVISION", "value": c.hub.revision or "main"},
         {"name": "MODEL_DIR", "value": workload.model_dir(spec)}, {"name": "MARKER", "value": workload.DOWNLOAD_MARKER},
