@@ -196,3 +196,18 @@ def test_bfloat16_engine_with_adapters(setup):
     assert all(mixed[i].outputs[0].token_ids != base_only[i].outputs[0].token_ids for i in (1, 2, 3))
     chat = llm.chat([{"role": "user", "content": "hello"}], SP, lora_request=requests["qv"], use_tqdm=False)
     assert len(chat[0].outputs[0].token_ids) == MAX_NEW
+
+
+def test_prefix_caching_keeps_adapters_apart(setup):
+    """The same prompt under different adapters must never share cached KV blocks (the KV of a
+    prompt depends on the adapter): with prefix caching on, every adapter still matches PEFT."""
+    base, _, requests, ps, expected = setup
+    llm = LLM(model=base, enable_lora=True, max_loras=3, max_lora_rank=8, enable_prefix_caching=True, block_size=4)
+    prompt = [{"prompt_token_ids": ps[0]}]
+    for name in ["all", None, "qv", "all", "rs", None]:  # one after another: blocks are cached by then
+        out = llm.generate(prompt, SP, lora_request=None if name is None else requests[name], use_tqdm=False)
+        assert out[0].outputs[0].token_ids == expected[name][0], name
+    names = [None, "all", "qv", "rs"]
+    outs = llm.generate(prompt * 4, SP, lora_request=[None if n is None else requests[n] for n in names],
+                        use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [expected[n][0] for n in names]
