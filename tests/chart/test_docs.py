@@ -44,11 +44,18 @@ def _readme_examples() -> list[tuple[str, dict]]:
 
 
 def _notes_example(helm) -> dict:
+    """Run the NOTES' `kubectl apply ... <<'YAML'` command as pasted into bash (kubectl replaced by
+    `cat`): the heredoc must be well-formed and give the InferenceService."""
+    import subprocess
+
     out = helm("install", "pt", str(CHART), "--dry-run=client", "--namespace", "pageant-system")
     assert out.returncode == 0, out.stderr
     notes = out.stdout.split("NOTES:", 1)[1]
-    block = notes.split("cat <<'YAML'", 1)[1].split("\n", 1)[1].split("  YAML\n", 1)[0]
-    return yaml.safe_load("\n".join(line[2:] for line in block.splitlines()))
+    start = notes.index("kubectl apply -n default -f - <<'YAML'")
+    command = notes[start:notes.index("\nYAML\n", start) + len("\nYAML\n")]
+    run = subprocess.run(["bash", "-c", "kubectl() { cat; }\n" + command], capture_output=True, text=True)
+    assert run.returncode == 0 and not run.stderr, run.stderr
+    return yaml.safe_load(run.stdout)
 
 
 def test_readme_has_the_examples():

@@ -140,7 +140,7 @@ def test_notes_explain_a_first_inferenceservice(helm):
     out = helm("install", "pt", str(CHART), "--dry-run=client", "--namespace", "pageant-system")
     assert out.returncode == 0, out.stderr
     notes = out.stdout.split("NOTES:", 1)[1]
-    assert "kind: InferenceService" in notes and "kubectl get infsvc" in notes
+    assert "kind: InferenceService" in notes and "get infsvc -w" in notes
     assert ".svc.cluster.local:8000/v1" in notes
 
 
