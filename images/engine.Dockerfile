@@ -6,7 +6,7 @@
 #
 # BASE_IMAGE must ship a CUDA build of torch that satisfies pyproject's range (torch>=2.4): pip
 # keeps it and installs only what is missing, so the image never downloads a second torch.
-ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
+ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
 
 FROM ${BASE_IMAGE} AS build
 WORKDIR /src
