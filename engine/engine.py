@@ -70,6 +70,8 @@ class LLMEngine:
             config, max_model_len=max_model_len, num_kv_blocks=self.runner.num_kv_blocks, attention_backend=backend
         )
         self.model_config = model_config
+        if config.enable_prefix_caching:
+            logger.warning("enable_prefix_caching is accepted but not implemented yet: every prompt is computed in full")
         self.vocab_size = model_config.vocab_size
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
