@@ -186,6 +186,22 @@ class Cluster:
             return None
         return None if obj.deleted else copy.deepcopy(obj.raw)
 
+    async def garbage_collect(self) -> list[str]:
+        """What kube-controller-manager's garbage collector does: delete every object whose owner
+        (by uid) no longer exists. Returns "Kind/name" of what it deleted."""
+        live_uids = {o.raw["metadata"].get("uid") for o in self.k.objects.values() if not o.deleted}
+        deleted = []
+        for (res, ns, name), obj in list(self.k.objects.items()):
+            if obj.deleted:
+                continue
+            raw = obj.raw
+            refs = raw["metadata"].get("ownerReferences") or []
+            if refs and all(r["uid"] not in live_uids for r in refs):
+                group_version = f"{res.group}/{res.version}" if res.group else res.version
+                await self.delete(f"{group_version}/{res.plural}", ns, name)
+                deleted.append(f"{raw.get('kind')}/{name}")
+        return deleted
+
     def install(self, kind: str) -> None:
         """Install an optional API (as if its CRD were applied): KEDA or the Prometheus Operator."""
         self.k.resources[OPTIONAL_RESOURCES[kind]] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs=VERBS)

@@ -259,9 +259,16 @@ async def test_deletion_leaves_nothing(cluster, make_body, wait):
     await cluster.delete(IS, "ml", "demo")
     await wait(lambda: cluster.get(IS, "ml", "demo") is None, what="InferenceService gone (finalizer released)")
     await wait(lambda: cluster.metrics.managed._value.get() == 0)
+    # The API server's garbage collector deletes the dependents of the gone owner (by uid)...
+    collected = await cluster.garbage_collect()
+    assert sorted(collected) == sorted(f"{c['kind']}/{c['metadata']['name']}" for c in children)
+    # ...and the operator does not bring any of them back.
     posts = len(cluster.requests("POST", "/namespaces/ml/"))
-    await asyncio.sleep(1.0)  # several resync periods: nothing is recreated
+    await asyncio.sleep(1.0)  # several resync periods
     assert len(cluster.requests("POST", "/namespaces/ml/")) == posts
+    left = [(res.plural, name) for (res, ns, name), o in list(cluster.k.objects.items())
+            if ns == "ml" and not o.deleted and res.plural not in ("events",)]
+    assert left == []
 
 
 async def test_keda_and_monitors_once_their_crds_exist(cluster, make_body, wait, validate_manifest):
