@@ -200,8 +200,8 @@ def prefill_attention(
     block_q = block_m // group
     if block_n is None:
         block_n = 32 if small_tiles else 64
-    if num_warps is None:
-        num_warps = 4 if block_m * block_d <= 64 * 128 else 8
+    if num_warps is None:  # fp32 at 4 warps used all 255 registers and spilled (Triton 3.6, sm_90)
+        num_warps = 4 if block_m * block_d <= 64 * 128 and query.dtype != torch.float32 else 8
     precision, upcast = dot_settings(query.dtype)
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _prefill_kernel[grid](
