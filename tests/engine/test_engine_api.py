@@ -133,7 +133,7 @@ def test_stop_string_across_token_boundary(llm, engine):
         if full.text.find(stop) == len(before) - 1:
             break
     else:
-        pytest.skip("no clean token boundary in this random output")
+        pytest.fail("no clean token boundary in this output: pick another prompt")
     cut = len(before) - 1
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=["never-there", stop])
     engine.add_request("stop", prompt, params)
