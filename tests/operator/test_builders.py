@@ -299,3 +299,15 @@ def test_render_cli_reports_invalid_spec(tmp_path, make_body):
     out = subprocess.run([sys.executable, "-m", "pageant.cli", "operator", "render", "-f", str(f)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "minReplicas must be <= maxReplicas" in out.stderr and not out.stdout
+
+
+def test_render_reads_stdin_and_skips_other_kinds(make_body):
+    docs = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ml"}}, make_body()]
+    out = subprocess.run([sys.executable, "-m", "pageant.cli", "operator", "render", "-f", "-"],
+                         input=yaml.safe_dump_all(docs), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    kinds = [d["kind"] for d in yaml.safe_load_all(out.stdout)]
+    assert kinds == ["Deployment", "Service", "NetworkPolicy"]
+    missing = subprocess.run([sys.executable, "-m", "pageant.cli", "operator", "render", "-f", "/nonexistent.yaml"],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
