@@ -138,3 +138,15 @@ def test_strided_metadata(paged_kv, assert_close):
     expected = reference.paged_attention_decode(query, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.3)
     actual = triton_ops.paged_attention_decode(query, kv.k_cache, kv.v_cache, tables[:, ::2], lens[::2], 0.3)
     assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_empty_context_gives_zeros_not_nan(paged_kv, num_splits):
+    """A padding sequence with seq_len 0 (e.g. a batch padded for a CUDA graph) yields zeros."""
+    kv = paged_kv([20, 1], 8, 1, 16, torch.float32, seed=2)
+    seq_lens = torch.tensor([20, 0], dtype=torch.int32)
+    query = torch.randn(2, 2, 16)
+    out = decode_attention(query, kv.k_cache, kv.v_cache, kv.block_tables, seq_lens, 0.3, num_splits=num_splits, block_n=16)
+    assert torch.equal(out[1], torch.zeros(2, 16))
+    expected = reference.paged_attention_decode(query[:1], kv.k_cache, kv.v_cache, kv.block_tables[:1], seq_lens[:1], 0.3)
+    torch.testing.assert_close(out[:1], expected, rtol=1e-5, atol=1e-5)
