@@ -170,6 +170,8 @@ class OpenAIServing:
         check_common(body, self.limits)
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
+        if body.stream and body.best_of is not None and body.best_of > body.n:
+            raise APIError(400, "best_of > n is not supported with stream", param="best_of")
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo together with logprobs is not supported", param="echo")
         prompt = body.prompt
@@ -203,11 +205,14 @@ class OpenAIServing:
             raise self._failure_status(exc) from None
         choices, completion_tokens = [], 0
         for i, out in finals:
-            for c in out.outputs:
-                completion_tokens += len(c.token_ids)
+            completion_tokens += sum(len(c.token_ids) for c in out.outputs)
+            best = out.outputs
+            if len(best) > body.n:  # best_of: the n most likely of the candidates
+                best = sorted(best, key=lambda c: -(c.cumulative_logprob or 0.0))[: body.n]
+            for rank, c in enumerate(best):
                 text = (echo[i] if echo else "") + c.text
                 lp = completion_logprobs(c, self.tokenizer, body.logprobs) if body.logprobs is not None else None
-                choices.append(p.CompletionChoice(index=i * body.n + c.index, text=text, logprobs=lp,
+                choices.append(p.CompletionChoice(index=i * body.n + rank, text=text, logprobs=lp,
                                                   finish_reason=c.finish_reason, stop_reason=c.stop_reason))
         num_prompt = sum(len(ids) for ids in prompts)
         usage = p.UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
