@@ -388,6 +388,8 @@ def parse(body: dict[str, Any], default_image: str = DEFAULT_ENGINE_IMAGE) -> In
         adapters=_adapters(r, r.get(raw, "adapters", list, "spec", [])), monitoring=monitoring,
         network_policy=r.get(np_raw, "enabled", bool, "spec.networkPolicy", True),
         service_account_name=r.get(raw, "serviceAccountName", str, "spec"))
+    if any(a.name == model.name for a in spec.adapters):
+        r.problems.append("spec.adapters: an adapter cannot have the served model's name")
     if r.problems:
         raise InvalidSpec(r.problems)
     return spec

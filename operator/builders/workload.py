@@ -37,6 +37,17 @@ def adapter_claims(spec: InferenceServiceSpec) -> list[str]:
     return sorted({a.pvc.claim_name for a in spec.adapters if a.pvc is not None})
 
 
+def adapter_root_restricted(spec: InferenceServiceSpec) -> bool:
+    """Whether the engine may load adapters only from under /adapters (--allowed-lora-root).
+
+    On when adapters come from PVCs only: then the load endpoint cannot be pointed elsewhere. The
+    engine downloads Hub adapters only without a root, so any Hub adapter turns it off. It depends
+    on the claims (already part of the template, as volumes) and on whether any Hub adapter is
+    listed: adding or removing adapters of a kind the service already has never rolls pods;
+    the first Hub adapter on a PVC-only service (or removing the last one) rolls them once."""
+    return bool(adapter_claims(spec)) and not any(a.hub is not None for a in spec.adapters)
+
+
 def adapter_entries(spec: InferenceServiceSpec) -> list[dict[str, str]]:
     """The adapters file's list and what /v1/load_lora_adapter is called with (lora_name, lora_path).
 
@@ -84,8 +95,9 @@ def engine_args(spec: InferenceServiceSpec) -> list[str]:
             args += ["--max-lora-rank", str(e.max_lora_rank)]
         if e.max_cpu_loras is not None:
             args += ["--max-cpu-loras", str(e.max_cpu_loras)]
-        args += ["--lora-modules-file", f"{common.ADAPTERS_MOUNT}/{common.ADAPTERS_FILE}",
-                 "--allowed-lora-root", common.ADAPTER_PVC_MOUNT]
+        args += ["--lora-modules-file", f"{common.ADAPTERS_MOUNT}/{common.ADAPTERS_FILE}"]
+        if adapter_root_restricted(spec):
+            args += ["--allowed-lora-root", common.ADAPTER_PVC_MOUNT]
     if e.api_key is not None:
         args += ["--api-key", "$(PAGEANT_API_KEY)"]  # expanded by kubelet from the env below
     return args + list(e.extra_args)

@@ -200,6 +200,9 @@ def test_adapters_configmap_and_volumes(make_body):
     c = _container(kids)
     assert _flag(c["args"], "--lora-modules-file") == "/etc/pageant/adapters/adapters.json"
     assert {"name": "adapters-0", "mountPath": "/adapters/loras", "readOnly": True} in c["volumeMounts"]
+    assert "--allowed-lora-root" not in c["args"]  # a Hub adapter is listed: the engine must download it
+    pvc_only = _container(_children(make_body(adapters=[FEATURES["adapters"]["adapters"][0]])))
+    assert _flag(pvc_only["args"], "--allowed-lora-root") == "/adapters"
     # Mounted as a directory (a subPath mount would never see updates).
     mount = next(m for m in c["volumeMounts"] if m["name"] == "adapters-config")
     assert "subPath" not in mount

@@ -125,5 +125,7 @@ def test_parser_cross_field_rules(make_body):
         spec.parse(make_body(model={"name": "m", "pvc": {"claimName": "w", "path": "../etc"}}))
     with pytest.raises(spec.InvalidSpec, match="duplicate adapter"):
         spec.parse(make_body(adapters=[{"name": "a", "hub": {"repo": "o/a"}}, {"name": "a", "hub": {"repo": "o/b"}}]))
+    with pytest.raises(spec.InvalidSpec, match="served model's name"):
+        spec.parse(make_body(adapters=[{"name": "tiny", "hub": {"repo": "o/a"}}]))
     with pytest.raises(spec.InvalidSpec, match="tensorParallelSize"):
         spec.parse(make_body(engine={"tensorParallelSize": 4}, resources={"gpus": 2}))

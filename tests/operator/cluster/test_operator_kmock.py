@@ -106,9 +106,10 @@ async def test_children_status_becomes_conditions(cluster, make_body, wait):
 
 
 async def test_adapters_load_and_unload_live(cluster, make_body, wait):
+    loras = {"claimName": "loras"}
     body = make_body(replicas=2, engine={"maxLoras": 4},
-                     adapters=[{"name": "sql", "pvc": {"claimName": "loras", "path": "sql"}},
-                               {"name": "sum", "pvc": {"claimName": "loras", "path": "sum"}}])
+                     adapters=[{"name": "sql", "pvc": {**loras, "path": "sql"}},
+                               {"name": "sum", "pvc": {**loras, "path": "sum"}}])
     await cluster.apply_is(body)
     dep = await wait(lambda: cluster.get("Deployment", "ml", "demo"))
     template_hash = workload.template_hash(dep)
@@ -121,27 +122,41 @@ async def test_adapters_load_and_unload_live(cluster, make_body, wait):
                                                                         {"name": "sum", "readyReplicas": 2}])
     await wait(lambda: cluster.condition("ml", "demo", "AdaptersReady").get("status") == "True")
     # Add one, remove one: every running replica follows, no new pod template.
-    await cluster.update_spec("ml", "demo", {"adapters": [{"name": "sum", "pvc": {"claimName": "loras", "path": "sum"}},
-                                                          {"name": "chat", "hub": {"repo": "org/chat-lora"}}]})
-    await wait(lambda: all(set(e.adapters) == {"sum", "chat"} for e in engines), what="chat loaded, sql unloaded")
+    await cluster.update_spec("ml", "demo", {"adapters": [{"name": "sum", "pvc": {**loras, "path": "sum"}},
+                                                          {"name": "tldr", "pvc": {**loras, "path": "tldr"}}]})
+    await wait(lambda: all(set(e.adapters) == {"sum", "tldr"} for e in engines), what="tldr loaded, sql unloaded")
     assert all(("unload", "sql") in e.calls for e in engines)
-    assert engines[0].adapters["chat"] == "org/chat-lora"
     await wait(lambda: cluster.status("ml", "demo").get("adapters") == [{"name": "sum", "readyReplicas": 2},
-                                                                        {"name": "chat", "readyReplicas": 2}])
+                                                                        {"name": "tldr", "readyReplicas": 2}])
     cm = cluster.get("ConfigMap", "ml", "demo-adapters")
-    assert '"chat"' in cm["data"]["adapters.json"] and '"sql"' not in cm["data"]["adapters.json"]
+    assert '"tldr"' in cm["data"]["adapters.json"] and '"sql"' not in cm["data"]["adapters.json"]
     assert workload.template_hash(cluster.get("Deployment", "ml", "demo")) == template_hash
-    # A replica whose engine lost its adapters (restart) gets them back; a failing load is reported.
+    # A replica whose engine lost its adapters (restart) gets them back.
     engines[1].adapters.clear()
-    await wait(lambda: set(engines[1].adapters) == {"sum", "chat"}, what="restarted replica reloaded")
+    await wait(lambda: set(engines[1].adapters) == {"sum", "tldr"}, what="restarted replica reloaded")
+    # Hub adapters: loaded by repo id; a failing load is reported per pod.
     await cluster.update_spec("ml", "demo", {"adapters": [{"name": "chat", "hub": {"repo": "org/chat-lora"}},
                                                           {"name": "broken", "hub": {"repo": "org/missing"}}]})
     for e in engines:
         e.fail_load.add("broken")
+    await wait(lambda: all(e.adapters == {"chat": "org/chat-lora"} for e in engines), what="chat only")
     await wait(lambda: cluster.condition("ml", "demo", "AdaptersReady").get("reason") == "AdaptersLoading",
                what="AdaptersReady False")
     await wait(lambda: "broken" in cluster.condition("ml", "demo", "AdaptersReady").get("message", "")
                and "404" in cluster.condition("ml", "demo", "AdaptersReady")["message"])
+
+
+async def test_hub_adapters_come_and_go_without_a_new_template(cluster, make_body, wait):
+    await cluster.apply_is(make_body(engine={"maxLoras": 2}))
+    dep = await wait(lambda: cluster.get("Deployment", "ml", "demo"))
+    template_hash = workload.template_hash(dep)
+    (engine,) = [await cluster.start_pod("ml", "demo", 0, "tiny")]
+    await cluster.update_spec("ml", "demo", {"adapters": [{"name": "chat", "hub": {"repo": "org/chat-lora"}}]})
+    await wait(lambda: engine.adapters == {"chat": "org/chat-lora"}, what="chat loaded")
+    await cluster.update_spec("ml", "demo", {"adapters": []})
+    await wait(lambda: engine.adapters == {}, what="chat unloaded")
+    await wait(lambda: cluster.status("ml", "demo").get("adapters") == [])
+    assert workload.template_hash(cluster.get("Deployment", "ml", "demo")) == template_hash
 
 
 async def test_invalid_spec_is_reported_without_a_hot_loop(cluster, make_body, wait):
