@@ -314,3 +314,17 @@ def test_render_reads_stdin_and_skips_other_kinds(make_body):
     missing = subprocess.run([sys.executable, "-m", "pageant.cli", "operator", "render", "-f", "/nonexistent.yaml"],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+@pytest.mark.parametrize("feature", ["hub", "pvc", "cache", "knobs", "adapters"])
+def test_engine_accepts_the_rendered_args(make_body, feature):
+    """Contract with the engine: its own argument parser takes what the operator renders."""
+    from pageant.engine.server.cli import build_parser  # test-only: the operator never imports the engine
+
+    body = make_body(**FEATURES[feature])
+    c = _container(_children(body))
+    assert c["command"] == ["pageant", "serve"]
+    args = c["args"][:-2] if feature == "knobs" else c["args"]  # drop the user's own extraArgs
+    parsed = build_parser().parse_args(args)
+    assert parsed.port == 8000 and parsed.host == "0.0.0.0"
+    assert parsed.served_model_name == [body["spec"]["model"]["name"]]
