@@ -88,7 +88,10 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
         return {"max_lora": stats.get("max_lora", config.max_loras), "running": stats.get("running_lora_adapters", ()),
                 "waiting": stats.get("waiting_lora_adapters", ())}
 
-    metrics = ServerMetrics(names[0], async_engine.stats, lora_info)
+    ecfg = engine.config
+    cache_config = {"block_size": str(getattr(ecfg, "block_size", "")), "num_gpu_blocks": str(getattr(ecfg, "num_kv_blocks", "")),
+                    "enable_prefix_caching": str(bool(getattr(ecfg, "enable_prefix_caching", False)))}
+    metrics = ServerMetrics(names[0], async_engine.stats, lora_info, cache_config)
     async_engine.metrics = metrics
     max_model_len = int(engine.config.max_model_len)
     tokenizer = ServerTokenizer.from_engine(engine)

@@ -31,10 +31,12 @@ _LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 class _EngineStatsCollector(Collector):
     """Exposes the engine's gauges and cumulative counters from the latest stats snapshot."""
 
-    def __init__(self, model_name: str, get_stats: Callable[[], dict], get_lora_info: Callable[[], dict]):
+    def __init__(self, model_name: str, get_stats: Callable[[], dict], get_lora_info: Callable[[], dict],
+                 cache_config: dict[str, str]):
         self.model_name = model_name
         self.get_stats = get_stats
         self.get_lora_info = get_lora_info
+        self.cache_config = cache_config
 
     def collect(self):
         stats = self.get_stats() or {}
@@ -62,8 +64,10 @@ class _EngineStatsCollector(Collector):
                     stats.get("num_free_kv_blocks"))
         info = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV cache configuration.",
                                  labels=["model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching"])
-        info.add_metric([self.model_name, str(stats.get("block_size", "")), str(stats.get("num_kv_blocks", "")),
-                         str(bool(stats.get("enable_prefix_caching", False)))], 1.0)
+        cfg = self.cache_config
+        info.add_metric([self.model_name, str(cfg.get("block_size", stats.get("block_size", ""))),
+                         str(cfg.get("num_gpu_blocks", stats.get("num_kv_blocks", ""))),
+                         str(cfg.get("enable_prefix_caching", False))], 1.0)
         yield info
         lora = self.get_lora_info()
         lora_info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on LoRA requests.",
@@ -87,10 +91,11 @@ class ServerMetrics:
     """All metrics of one server. Thread-safe (prometheus_client objects are)."""
 
     def __init__(self, model_name: str, get_stats: Callable[[], dict],
-                 get_lora_info: Callable[[], dict] | None = None):
+                 get_lora_info: Callable[[], dict] | None = None, cache_config: dict[str, str] | None = None):
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_EngineStatsCollector(model_name, get_stats, get_lora_info or (lambda: {})))
+        self.registry.register(_EngineStatsCollector(model_name, get_stats, get_lora_info or (lambda: {}),
+                                                     cache_config or {}))
         reg = self.registry
         self.request_success = Counter("vllm:request_success", "Count of successfully processed requests.",
                                        ["model_name", "finished_reason"], registry=reg)
