@@ -53,5 +53,7 @@ def test_global_loads_are_16_bytes_wide(compiled):
 def test_attention_runs_on_tensor_cores(compiled):
     attention = [r for r in compiled if r["kernel"] in ("_decode_kernel", "_prefill_kernel")]
     assert attention and all(r["tensor_core_ops"] > 0 for r in attention)
-    # the bf16 prefill uses Hopper's warpgroup MMA, not only the older mma.sync path
-    assert any(op.startswith("HGMMA") for r in attention if r["label"].startswith("prefill bf16") for op in r["sass_ops"])
+    # 16-bit prefill (every head size) uses Hopper's warpgroup MMA, not only the older mma.sync path
+    prefill16 = [r for r in attention if r["label"].startswith(("prefill bf16", "prefill fp16"))]
+    assert len(prefill16) >= 4
+    assert all(any(op.startswith("HGMMA") for op in r["sass_ops"]) for r in prefill16)
