@@ -10,9 +10,11 @@ from pageant.operator.spec import InferenceServiceSpec
 
 # Runs in the engine image (it has huggingface_hub); arguments come from the env, never the shell.
 DOWNLOAD_SCRIPT = (
-    "import os, pathlib\n"
-    "from huggingface_hub import snapshot_download\n"
+    "import os, pathlib, sys\n"
     "d = pathlib.Path(os.environ['MODEL_DIR'])\n"
+    "if (d / os.environ['MARKER']).exists():\n"
+    "    sys.exit(0)  # filled before (the cache outlives Job retries)\n"
+    "from huggingface_hub import snapshot_download\n"
     "snapshot_download(repo_id=os.environ['MODEL_REPO'], revision=os.environ['MODEL_REVISION'], local_dir=d)\n"
     "(d / os.environ['MARKER']).write_text('ok')\n"
 )
@@ -56,7 +58,9 @@ def download_job(spec: InferenceServiceSpec) -> dict[str, Any]:
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": common.metadata(spec, common.names(spec)["cache_job"], "model-download"),
-        "spec": {"backoffLimit": 6, "ttlSecondsAfterFinished": 86400, "template": {
+        # No ttlSecondsAfterFinished: the finished Job stays (owned, deleted with the service), or the
+        # operator would create it again and re-check the download.
+        "spec": {"backoffLimit": 6, "template": {
             "metadata": {"labels": labels},
             "spec": {
                 "restartPolicy": "OnFailure", "automountServiceAccountToken": False,

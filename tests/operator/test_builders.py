@@ -328,3 +328,28 @@ def test_engine_accepts_the_rendered_args(make_body, feature):
     parsed = build_parser().parse_args(args)
     assert parsed.port == 8000 and parsed.host == "0.0.0.0"
     assert parsed.served_model_name == [body["spec"]["model"]["name"]]
+
+
+def test_download_job_script(tmp_path, make_body):
+    """The Job's script, run for real against a stand-in huggingface_hub: it downloads once, marks
+    the cache complete, and a later run (Job retry or re-creation) does nothing."""
+    job = _children(make_body(**FEATURES["cache"]))["Job"]["spec"]["template"]["spec"]["containers"][0]
+    script = job["command"][-1]
+    fake = tmp_path / "site"
+    (fake / "huggingface_hub").mkdir(parents=True)
+    (fake / "huggingface_hub" / "__init__.py").write_text(
+        "import pathlib, os\n"
+        "def snapshot_download(repo_id, revision, local_dir):\n"
+        "    p = pathlib.Path(local_dir); p.mkdir(parents=True, exist_ok=True)\n"
+        "    (p / 'config.json').write_text(repo_id + '@' + revision)\n"
+        "    with open(os.environ['CALLS'], 'a') as f: f.write('x')\n")
+    env = {e["name"]: e["value"] for e in job["env"] if "value" in e}
+    env.update(MODEL_DIR=str(tmp_path / "models" / "org--m" / "main"), PYTHONPATH=str(fake),
+               CALLS=str(tmp_path / "calls"), PATH="/usr/bin:/bin")
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+    model_dir = tmp_path / "models" / "org--m" / "main"
+    assert (model_dir / "config.json").read_text() == "org/m@main"
+    assert (model_dir / ".pageant-download-complete").exists()
+    assert (tmp_path / "calls").read_text() == "x"  # downloaded once
