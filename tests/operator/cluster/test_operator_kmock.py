@@ -208,14 +208,15 @@ async def test_server_errors_are_retried(cluster, make_body, wait):
     def fail(request):
         if failures[0] > 0:
             failures[0] -= 1
-            return kmock.KubernetesError(status=503, reason="ServiceUnavailable", message="etcd is sad")
+            status = 503 if failures[0] == 1 else 500  # 500, 503, 500
+            return kmock.KubernetesError(status=status, reason="InternalError", message="etcd is sad")
         return None
 
     cluster.k["get /apis/apps/v1/namespaces/ml/deployments/demo"] << fail
     await cluster.apply_is(make_body())
     await wait(lambda: cluster.get("Deployment", "ml", "demo"), timeout=30, what="Deployment after retries")
     assert failures[0] == 0
-    # Every injected 503 surfaced as a counted API error (retried), none was swallowed.
+    # Every injected 5xx surfaced as a counted API error (retried), none was swallowed.
     counted = sum(cluster.metrics.registry.get_sample_value(
         "pageant_operator_reconcile_errors_total", {"handler": h, "reason": "api_error"}) or 0
         for h in ("create", "resync"))
