@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name(s) clients use in `model` (default: the model's name)")
     m.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     m.add_argument("--download-dir", default=None, help="Hub cache directory (default: huggingface_hub's)")
-    m.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16", "half", "float"])
+    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "half", "float"],
+                   help="auto: float32 on CPU; on GPU the checkpoint's float16/bfloat16, else bfloat16")
     m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     m.add_argument("--seed", type=int, default=None)
     e = ap.add_argument_group("engine")
@@ -106,14 +108,32 @@ def resolve_model(model: str | None, *, revision: str | None, download_dir: str 
     return local, model
 
 
+def resolve_device_dtype(device: str | None, dtype: str, model_dir: str) -> tuple[str, str]:
+    """``--device`` default (cuda when available) and ``--dtype auto`` made concrete."""
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"half": "float16", "float": "float32"}.get(dtype, dtype)
+    if dtype == "auto":
+        if device.startswith("cpu"):
+            dtype = "float32"
+        else:
+            try:
+                config = json.loads((pathlib.Path(model_dir) / "config.json").read_text())
+            except (OSError, ValueError):
+                config = {}
+            stored = config.get("torch_dtype") or config.get("dtype")
+            dtype = stored if stored in ("float16", "bfloat16") else "bfloat16"
+    return device, dtype
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """The engine's keyword arguments: only the flags that were given (the engine has the defaults)."""
     keys = ["dtype", "device", "seed", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
             "num_kv_blocks", "kv_cache_memory_gib", "gpu_memory_utilization", "attention_backend",
             "enable_prefix_caching"]
     kwargs = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    if kwargs.get("dtype") in ("half", "float"):
-        kwargs["dtype"] = {"half": "float16", "float": "float32"}[kwargs["dtype"]]
     if args.enable_lora:
         kwargs.update(enable_lora=True, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                       max_cpu_loras=args.max_cpu_loras, allowed_lora_root=args.allowed_lora_root)
@@ -186,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         names = config.served_model_names or [default_name]
         config.served_model_names = names
         validate_specs(config.lora_modules, allowed_root=args.allowed_lora_root, base_names=names)
+        args.device, args.dtype = resolve_device_dtype(args.device, args.dtype, model_dir)
     except (StartupError, ValueError, FileNotFoundError) as exc:
         print(f"pageant serve: error: {exc}", file=sys.stderr)
         return 2

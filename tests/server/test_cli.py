@@ -121,3 +121,14 @@ def test_empty_adapters_file_serves_and_is_watched(serve, tmp_path):
         time.sleep(0.2)
     assert "not valid JSON" in server.output()
     assert httpx.get(f"{server.base_url}/health").status_code == 200
+
+
+def test_dtype_auto(tmp_path):
+    from pageant.engine.server.cli import resolve_device_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float16"}))
+    assert resolve_device_dtype("cpu", "auto", str(tmp_path)) == ("cpu", "float32")
+    assert resolve_device_dtype("cuda", "auto", str(tmp_path)) == ("cuda", "float16")
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
+    assert resolve_device_dtype("cuda", "auto", str(tmp_path)) == ("cuda", "bfloat16")
+    assert resolve_device_dtype("cuda:0", "half", str(tmp_path)) == ("cuda:0", "float16")
