@@ -150,13 +150,9 @@ async def reconcile(rt: Runtime, spec: InferenceServiceSpec, old_status: dict[st
     if do_prune:
         for gone in await prune(rt.kube, spec, wanted):
             rt.logger.info("pruned %s (no longer in the spec)", gone)
-    seen.pods = [p for p in await rt.kube.list("Pod", spec.namespace, common.selector_labels(spec))
-                 if _controller_chain_ok(p)]
+    pods = await rt.kube.list("Pod", spec.namespace, common.selector_labels(spec))
+    seen.pods = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]  # not terminating
     if spec.lora_enabled:
         seen.adapter_counts, seen.adapter_errors = await sync_adapters(rt.pods, spec, seen.pods)
     return status.compute(spec, seen, old_status)
 
-
-def _controller_chain_ok(pod: dict[str, Any]) -> bool:
-    """Pods being deleted are not ours to count."""
-    return not (pod.get("metadata") or {}).get("deletionTimestamp")
