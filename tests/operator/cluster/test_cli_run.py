@@ -30,7 +30,8 @@ async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
         return 0, ""
 
 
-async def test_operator_run_process(cluster_api, make_body, wait, tmp_path):
+@pytest.mark.parametrize("scope", [["--namespace", "ml"], []], ids=["namespaced", "cluster-wide"])
+async def test_operator_run_process(cluster_api, make_body, wait, tmp_path, scope):
     url, cluster = cluster_api
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
@@ -42,7 +43,7 @@ async def test_operator_run_process(cluster_api, make_body, wait, tmp_path):
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     env.pop("KUBERNETES_SERVICE_HOST", None)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pageant.cli", "operator", "run", "--namespace", "ml", "--metrics-port",
+        sys.executable, "-m", "pageant.cli", "operator", "run", *scope, "--metrics-port",
         str(metrics_port), "--health-port", str(health_port), "--resync-seconds", "0.5",
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
