@@ -27,17 +27,18 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     block_tables_ptr,  # [num_seqs, max_num_blocks_per_seq] int32
     seq_lens_ptr,  # [num_seqs] int32
-    out_ptr,  # [num_seqs, num_heads, head_dim] (NUM_SPLITS == 1)
-    part_out_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim] float32 (NUM_SPLITS > 1)
-    part_lse_ptr,  # [num_seqs, num_heads, NUM_SPLITS] float32, base-2 log-sum-exp
+    out_ptr,  # [num_seqs, num_heads, head_dim] (written when not SPLIT_K)
+    part_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] float32 (written when SPLIT_K)
+    part_lse_ptr,  # [num_seqs, num_heads, num_splits] float32, base-2 log-sum-exp
     qk_scale,  # scale * log2(e)
+    num_splits,  # a run-time value, so batch sizes do not each compile a new kernel
     stride_qs, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -49,7 +50,7 @@ def _decode_kernel(
     BLOCK_H: tl.constexpr,  # GROUP rounded up to a power of two >= 16
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two >= 16
     BLOCK_N: tl.constexpr,  # context tokens per step
-    NUM_SPLITS: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # num_splits > 1: write partial results for the reduce kernel
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -58,7 +59,7 @@ def _decode_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     # equal chunks of whole BLOCK_N steps; trailing splits of a short sequence may be empty
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -102,27 +103,27 @@ def _decode_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # an empty split has l_i == 0 and acc == 0
     result = acc / l_safe[:, None]  # [BLOCK_H, BLOCK_D]
     out_mask = mask_h[:, None] & mask_d[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT_K:
         dst = out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        row = (seq.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split  # [BLOCK_H]
+        row = (seq.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * num_splits + split  # [BLOCK_H]
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], result, mask=out_mask)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=mask_h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
-    part_out_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim] float32
-    part_lse_ptr,  # [num_seqs, num_heads, NUM_SPLITS] float32
+    part_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] float32
+    part_lse_ptr,  # [num_seqs, num_heads, num_splits] float32
     out_ptr,  # [num_seqs, num_heads, head_dim]
     stride_os, stride_oh,
     num_heads,
+    num_splits,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+    BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
 ):
     """Combine the splits of one (sequence, head): weights 2^(lse_s - max lse)."""
     seq = tl.program_id(0).to(tl.int64)
@@ -130,14 +131,14 @@ def _decode_reduce_kernel(
     row = seq * num_heads + head
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
+    mask_s = offs_s < num_splits
     mask_d = offs_d < HEAD_DIM
-    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + offs_s, mask=mask_s, other=float("-inf"))  # [BLOCK_S]
+    lse = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=mask_s, other=float("-inf"))  # [BLOCK_S]
     lse_max = tl.max(lse, axis=0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no token at all: output zeros
     w = tl.exp2(lse - lse_max)  # [BLOCK_S]; 0 for empty splits
     parts = tl.load(
-        part_out_ptr + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        part_out_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
         mask=mask_s[:, None] & mask_d[None, :], other=0.0,
     )  # [BLOCK_S, BLOCK_D]
     total = tl.sum(w, axis=0)
@@ -203,21 +204,21 @@ def decode_attention(
         part_out = part_lse = out  # unused
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
-        float(scale) * LOG2E,
+        float(scale) * LOG2E, num_splits,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, SPLIT_K=num_splits > 1,
         PRECISION=precision, UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1), num_heads,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+            part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_S=pow2_at_least(num_splits, 2), num_warps=4,
         )
     return out

@@ -131,6 +131,8 @@ def _signature(launch: Launch):
             raise TypeError(f"{fn.__name__}: unsupported argument {name}={value!r}")
         elif isinstance(value, float):
             signature[name] = "fp32"
+        elif fn.params[i].do_not_specialize:
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
         elif value == 1:
             signature[name], constants[name] = "constexpr", 1
         else:
