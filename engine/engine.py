@@ -26,6 +26,7 @@ from pageant.engine.lora import LoRARequest
 from pageant.engine.model_runner import ModelRunner
 from pageant.engine.output_processor import OutputProcessor
 from pageant.engine.outputs import RequestMetrics, RequestOutput
+from pageant.engine.prefix_cache import adapter_identity, root_hash
 from pageant.engine.sampler import SamplingBatch, sample
 from pageant.engine.sampling_params import SamplingParams
 from pageant.engine.scheduler import Scheduler
@@ -70,10 +71,10 @@ class LLMEngine:
             config, max_model_len=max_model_len, num_kv_blocks=self.runner.num_kv_blocks, attention_backend=backend
         )
         self.model_config = model_config
-        if config.enable_prefix_caching:
-            logger.warning("enable_prefix_caching is accepted but not implemented yet: every prompt is computed in full")
         self.vocab_size = model_config.vocab_size
-        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size)
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
+                                          enable_caching=config.enable_prefix_caching)
+        self._lora_identities: dict[str, bytes] = {}  # adapter name -> digest of its files (prefix cache)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_loras if config.enable_lora else 0)
         self.outputs = OutputProcessor(self.tokenizer, max_model_len)
@@ -111,8 +112,9 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams, *,
                     arrival_time: float | None = None, priority: int = 0,
-                    lora_request: LoRARequest | None = None) -> None:
-        """Validate and queue a request; raises ``InvalidRequestError`` if it can never run."""
+                    lora_request: LoRARequest | None = None, cache_salt: str | None = None) -> None:
+        """Validate and queue a request; raises ``InvalidRequestError`` if it can never run.
+        ``cache_salt``: with prefix caching, only requests with the same salt share cached blocks."""
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string")
         if request_id in self.requests:
@@ -121,6 +123,8 @@ class LLMEngine:
             raise InvalidRequestError("params must be a SamplingParams")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError("priority must be an integer")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidRequestError("cache_salt must be a non-empty string if provided")
         lora_name = self._lora_name(lora_request)
         text, ids = self._prompt_ids(prompt)
         if not ids:
@@ -157,6 +161,7 @@ class LLMEngine:
             metrics=RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time),
             eos_token_ids=self.tokenizer.eos_token_ids,
             lora_name=lora_name,
+            cache_root=root_hash(self._lora_identities.get(lora_name), cache_salt),
         )
         request.new_sequence(0, list(ids), make_generator(params.seed, 0, self.runner.device))
         if lora_name is not None:
@@ -197,6 +202,7 @@ class LLMEngine:
             batch = SamplingBatch.build(rows, out.logits.shape[-1], self.runner.device)
             sampled = sample(out.logits, batch, self.generator)
         except Exception as exc:
+            self.block_manager.uncache(so.cached_blocks)  # their KV may never have been written
             ids = list(dict.fromkeys([s.seq.request_id for s in so.scheduled] + [s.request_id for s in rows]))
             logger.exception("engine step failed for requests %s", ids)
             self.abort_request(ids)
@@ -224,7 +230,7 @@ class LLMEngine:
         if not isinstance(lora_request, LoRARequest):
             raise InvalidRequestError("lora_request must be a LoRARequest")
         try:
-            self.lora_manager.add_lora(lora_request.lora_name, lora_request.lora_int_id, lora_request.lora_path)
+            self.add_lora(lora_request)
         except LoRAAdapterError as exc:
             raise InvalidRequestError(str(exc)) from exc
         return lora_request.lora_name
@@ -241,7 +247,11 @@ class LLMEngine:
     def add_lora(self, lora_request: LoRARequest) -> bool:
         """Load and validate an adapter; False if it is already loaded. Raises ``LoRAAdapterError``
         (a ValueError whose message fits an HTTP 400) for a bad adapter, path or name."""
-        return self._lora().add_lora(lora_request.lora_name, lora_request.lora_int_id, lora_request.lora_path)
+        name, int_id, path = lora_request.lora_name, lora_request.lora_int_id, lora_request.lora_path
+        added = self._lora().add_lora(name, int_id, path)
+        if added or name not in self._lora_identities:  # the prefix cache keys on the adapter's content
+            self._lora_identities[name] = adapter_identity(name, int_id, path, self.config.allowed_lora_root)
+        return added
 
     def remove_lora(self, lora: str | int) -> bool:
         """Unload an adapter by name or ``lora_int_id``; False if it is not loaded. Raises
@@ -251,6 +261,7 @@ class LLMEngine:
         if name is None or not manager.has_lora(name):
             return False
         manager.remove_lora(name)
+        self._lora_identities.pop(name, None)
         return True
 
     def list_loras(self) -> list[LoRARequest]:
@@ -279,6 +290,10 @@ class LLMEngine:
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "block_size": bm.block_size,
+            "enable_prefix_caching": bm.enable_caching,
+            "prefix_cache_queries": bm.prefix_cache_queries,
+            "prefix_cache_hits": bm.prefix_cache_hits,
+            "num_cached_kv_blocks": bm.num_cached_blocks,
             "running_lora_adapters": sorted(running_loras),
             "waiting_lora_adapters": sorted(waiting_loras),
             "max_lora": self.config.max_loras if self.config.enable_lora else 0,

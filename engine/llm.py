@@ -41,9 +41,12 @@ class LLM:
         priority: Sequence[int] | None = None,
         use_tqdm: bool = True,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        cache_salt: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion. ``sampling_params``: one for all or one per prompt;
-        ``lora_request``: one adapter for all, or one per prompt (None = the base model)."""
+        ``lora_request``: one adapter for all, or one per prompt (None = the base model);
+        ``cache_salt``: one for all or one per prompt (prefix caching shares blocks only between
+        requests with the same salt)."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -64,10 +67,13 @@ class LLM:
         loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
         if len(loras) != len(prompts):
             raise InvalidRequestError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts")
+        salts = list(cache_salt) if isinstance(cache_salt, (list, tuple)) else [cache_salt] * len(prompts)
+        if len(salts) != len(prompts):
+            raise InvalidRequestError(f"got {len(salts)} cache salts for {len(prompts)} prompts")
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         try:
-            for rid, prompt, p, prio, lora in zip(ids, prompts, params, priorities, loras):
-                self.engine.add_request(rid, prompt, p, priority=prio, lora_request=lora)
+            for rid, prompt, p, prio, lora, salt in zip(ids, prompts, params, priorities, loras, salts):
+                self.engine.add_request(rid, prompt, p, priority=prio, lora_request=lora, cache_salt=salt)
         except Exception:
             self.engine.abort_request(ids)
             raise

@@ -13,6 +13,12 @@ Policy (one call to ``schedule`` per engine step):
    With LoRA, the running set never uses more than ``max_loras`` distinct adapters: a waiting
    sequence whose adapter would exceed that is skipped for this step (later ones may go first,
    as in vLLM), so every batch fits the device's adapter slots.
+3. With prefix caching, a waiting sequence first takes its cached leading blocks (they cost no
+   token budget), then computes the rest. Requests that want prompt logprobs skip the lookup
+   (they need logits at every prompt position). Full blocks are registered in the cache as soon
+   as the step computing them is scheduled, so a request admitted later in the same step already
+   shares them (each layer writes the whole batch's KV before attending); if that step fails, the
+   engine un-registers them (``SchedulerOutput.cached_blocks``).
 
 ``num_computed_tokens`` is advanced here, when the work is scheduled. The batch puts single-token
 sequences first (``num_decode_seqs``), as the attention kernels expect.
@@ -53,6 +59,7 @@ class SchedulerOutput:
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     sample_rows: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    cached_blocks: list[int] = field(default_factory=list)  # registered in the prefix cache this step
 
     @property
     def is_empty(self) -> bool:
@@ -105,6 +112,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         chosen: list[ScheduledSeq] = []
         copies: list[tuple[int, int]] = []
+        newly_cached: list[int] = []
         preempted: list[Sequence] = []
 
         self.running.sort(key=lambda s: s.sort_key)
@@ -120,7 +128,7 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break
-            copies += self._take(seq, num_new, chosen)
+            self._take(seq, num_new, chosen, copies, newly_cached)
             budget -= num_new
             i += 1
 
@@ -132,15 +140,18 @@ class Scheduler:
             if lora is not None and lora not in loras and len(loras) >= self.max_loras:
                 w += 1
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not bm.can_allocate(seq, num_new):
+            cached = self._lookup(seq)
+            num_new = min(seq.num_tokens - len(cached or ()) * bm.block_size, budget)
+            if not bm.can_allocate(seq, num_new, cached or []):
                 break
             self.waiting.pop(w)
             if lora is not None:
                 loras.add(lora)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            copies += self._take(seq, num_new, chosen)
+            if cached is not None:
+                bm.admit(seq, cached)
+            self._take(seq, num_new, chosen, copies, newly_cached)
             budget -= num_new
 
         # single-token sequences first (stable), as the decode kernel expects
@@ -158,16 +169,25 @@ class Scheduler:
             blocks_to_copy=copies,
             sample_rows=sample_rows,
             preempted=preempted,
+            cached_blocks=newly_cached,
         )
 
-    def _take(self, seq: Sequence, num_new: int, chosen: list[ScheduledSeq]) -> list[tuple[int, int]]:
-        copies = self.block_manager.allocate(seq, num_new)
+    def _lookup(self, seq: Sequence) -> list[int] | None:
+        """The cached leading blocks of a waiting sequence; None when it does not use the cache
+        (caching off, or it needs prompt logprobs and so must compute every prompt position)."""
+        if not self.block_manager.enable_caching or seq.request.needs_prompt_logprobs:
+            return None
+        return self.block_manager.lookup(seq)
+
+    def _take(self, seq: Sequence, num_new: int, chosen: list[ScheduledSeq], copies: list[tuple[int, int]],
+              newly_cached: list[int]) -> None:
+        copies += self.block_manager.allocate(seq, num_new)
         start = seq.num_computed_tokens
         seq.num_computed_tokens += num_new
+        newly_cached += self.block_manager.cache_blocks(seq)
         chosen.append(ScheduledSeq(seq, start, num_new, sample=seq.num_computed_tokens == seq.num_tokens))
         if seq.request.metrics.first_scheduled_time is None:
             seq.request.metrics.first_scheduled_time = time.time()
-        return copies
 
     def _fork_if_needed(self, seq: Sequence) -> list[Sequence]:
         """When the first sample's prompt is computed, create the other samples sharing its blocks."""

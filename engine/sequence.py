@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pageant.engine.outputs import Logprob, RequestMetrics
+from pageant.engine.prefix_cache import BASE_ROOT
 from pageant.engine.sampling_params import SamplingParams
 
 _counter = itertools.count()
@@ -42,6 +43,10 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # prefix caching: hashes of the full blocks of ``token_ids`` (filled as blocks fill, see
+    # prefix_cache.py) and how many leading blocks of ``block_table`` were offered to the cache
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_blocks: int = 0
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
@@ -99,6 +104,7 @@ class Request:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     forked: bool = False
     lora_name: str | None = None  # the LoRA adapter applied to every sequence (None = base model)
+    cache_root: bytes = BASE_ROOT  # parent hash of the first block: adapter identity + cache_salt
 
     @property
     def num_prompt_tokens(self) -> int:
