@@ -34,7 +34,7 @@ def test_chunked_prefill_then_decode_matches_float64_attention():
     block_tables = torch.tensor([[7, 2, 9, 4, 0], [5, 11, 1, 3, 8]], dtype=torch.int32)
     history = {0: ([], []), 1: ([], [])}  # every key/value each sequence has cached, in order
 
-    def step(chunks):
+    def step(chunks, split_mixed=False):
         """chunks: {seq: num_new_tokens}; one batched step of cache writes + attention."""
         seqs = sorted(chunks)
         q = torch.randn(sum(chunks.values()), NUM_HEADS, HEAD_DIM, generator=gen)
@@ -55,11 +55,17 @@ def test_chunked_prefill_then_decode_matches_float64_attention():
         ops.reshape_and_cache(k, v, k_cache, v_cache, torch.tensor(slots))
         tables = block_tables[seqs]
         lens = torch.tensor(seq_lens, dtype=torch.int32)
-        if all(n == 1 for n in chunks.values()):
+        qsl = torch.tensor(starts, dtype=torch.int32)
+        num_decode = next((i for i, s in enumerate(seqs) if chunks[s] != 1), len(seqs))  # decodes come first
+        if num_decode == len(seqs):
             out = ops.paged_attention_decode(q, k_cache, v_cache, tables, lens, SCALE)
-        else:
-            qsl = torch.tensor(starts, dtype=torch.int32)
+        elif num_decode == 0 or not split_mixed:
             out = ops.paged_attention_prefill(q, k_cache, v_cache, tables, qsl, lens, SCALE)
+        else:  # as the engine runs a mixed batch: decode kernel, then prefill on the sliced metadata
+            nd = num_decode
+            out = torch.empty_like(q)
+            out[:nd] = ops.paged_attention_decode(q[:nd], k_cache, v_cache, tables[:nd], lens[:nd], SCALE)
+            out[nd:] = ops.paged_attention_prefill(q[nd:], k_cache, v_cache, tables[nd:], qsl[nd:] - nd, lens[nd:], SCALE)
         row = 0
         for s in seqs:
             n = chunks[s]
@@ -72,5 +78,7 @@ def test_chunked_prefill_then_decode_matches_float64_attention():
     step({0: 13, 1: 9})  # the rest of sequence 0's prompt beside sequence 1's prompt
     for _ in range(3):
         step({0: 1, 1: 1})  # decode steps
-    step({0: 1, 1: 6})  # a decode token batched with an extend of sequence 1
+    step({0: 1, 1: 6})  # a decode token batched with an extend of sequence 1, all through prefill
+    step({0: 1, 1: 1})
+    step({0: 1, 1: 5}, split_mixed=True)  # the same kind of batch split between the two kernels
     step({0: 1, 1: 1})
