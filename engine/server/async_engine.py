@@ -324,13 +324,13 @@ class AsyncEngine:
             ids = list(self._streams)
             if ids:
                 self.engine.abort_request(ids)
+            self._waiting.clear()
+            self._stats = dict(self.engine.stats())
             for rid in ids:
-                self._streams.pop(rid).put_threadsafe(RequestFailedError(message, status=status))
                 if self.metrics is not None:
                     self.metrics.forget(rid)
                     self.metrics.failure("shutdown")
-            self._waiting.clear()
-            self._stats = dict(self.engine.stats())
+                self._streams.pop(rid).put_threadsafe(RequestFailedError(message, status=status))
 
     def _step(self) -> None:
         try:
@@ -338,17 +338,20 @@ class AsyncEngine:
         except EngineStepError as exc:
             logger.error("model step failed for %d request(s): %r", len(exc.request_ids), exc.cause)
             self.step_error = repr(exc.cause)
+            self._stats = dict(self.engine.stats())
+            failed = []
             for rid in exc.request_ids:
-                stream = self._streams.pop(rid, None)
                 self._waiting.discard(rid)
-                if stream is not None:
-                    stream.put_threadsafe(RequestFailedError(f"the model step failed: {exc.cause!r}"))
                 if self.metrics is not None:
                     self.metrics.forget(rid)
                     self.metrics.failure("engine_error")
-            self._stats = dict(self.engine.stats())
+                if rid in self._streams:
+                    failed.append(self._streams.pop(rid))
+            for stream in failed:  # last: whoever sees the error also sees the metrics and stats
+                stream.put_threadsafe(RequestFailedError(f"the model step failed: {exc.cause!r}"))
             return
         now = time.time()
+        self._stats = dict(self.engine.stats())  # before delivering: a client that sees its reply sees these
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:  # aborted meanwhile
@@ -359,7 +362,6 @@ class AsyncEngine:
             if out.finished:
                 del self._streams[out.request_id]
             stream.put_threadsafe(_snapshot(out))
-        self._stats = dict(self.engine.stats())
 
 
 def _snapshot(out: RequestOutput) -> RequestOutput:
