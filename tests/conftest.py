@@ -1,8 +1,19 @@
-"""Shared fixtures: tiny checkpoints built once per test session (no network)."""
+"""Shared fixtures: tiny checkpoints built once per test session (no network).
+
+Triton decides between its CPU interpreter and the GPU compiler when a kernel module is first
+imported, and several test folders import kernels (kernels, lora, engine with the triton backend).
+This root conftest is imported before any of them, so it is the one place that can choose the
+interpreter for the whole session: the suite runs on machines without a GPU. On a GPU machine,
+run with ``TRITON_INTERPRET=0`` to compile the kernels instead.
+"""
 
 from __future__ import annotations
 
-import pytest
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
