@@ -171,6 +171,11 @@ class BlockManager:
                 del self._evictable[block]
                 self._free.append(block)
 
+    def reset_cache(self) -> None:
+        """Forget every cached hash (blocks in use keep their data but are no longer shared with
+        new requests); the counters are kept."""
+        self.uncache([b for b in range(self.num_blocks) if self.block_hash[b] is not None])
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """``child`` shares every block of ``parent`` (its table must be empty)."""
         if child.block_table:

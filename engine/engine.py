@@ -274,6 +274,11 @@ class LLMEngine:
         """Unfinished (running or waiting) requests that use adapter ``name``."""
         return self.lora_manager.num_running(name) if self.lora_manager is not None else 0
 
+    def reset_prefix_cache(self) -> None:
+        """Drop every prefix-cache entry (e.g. after changing what a cached prefix should mean);
+        requests in flight are not affected."""
+        self.block_manager.reset_cache()
+
     def stats(self) -> dict[str, Any]:
         bm = self.block_manager
         running = {s.request_id for s in self.scheduler.running}

@@ -110,5 +110,9 @@ class LLM:
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
+    def reset_prefix_cache(self) -> None:
+        """Drop every prefix-cache entry."""
+        self.engine.reset_prefix_cache()
+
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()

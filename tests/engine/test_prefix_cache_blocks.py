@@ -254,3 +254,19 @@ def test_preempted_sequence_refinds_its_cached_blocks():
     assert s.seq is b and s.start == (b.num_tokens - 1) // 4 * 4 and s.start >= 8
     assert bm.prefix_cache_hits - hits_before == s.start and cached_b >= 2
     check_invariants(bm)
+
+
+def test_reset_cache_forgets_everything_but_blocks_in_use_stay():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_caching=True)
+    a, b = make_seq(list(range(3, 15)), "a"), make_seq(list(range(20, 30)), "b")
+    for s in (a, b):
+        admit(bm, s)
+        compute(bm, s)
+    bm.free(a)
+    assert bm.num_cached_blocks == 5
+    bm.reset_cache()
+    check_invariants(bm)
+    assert bm.num_cached_blocks == 0 and bm.num_free_blocks == 8 - len(b.block_table)
+    assert bm.lookup(make_seq(list(range(3, 15)), "a2")) == []
+    bm.free(b)
+    assert bm.num_free_blocks == 8

@@ -138,6 +138,10 @@ def test_cache_salt_separates_requests(tiny_checkpoint):
         llm.generate(ids([prompt]), SP, cache_salt=salt, use_tqdm=False)
         hits.append(llm.stats()["prefix_cache_hits"])
     assert hits == [0, 0, 0, 28, 56, 84]
+    llm.reset_prefix_cache()  # nothing is found after a reset
+    llm.generate(ids([prompt]), SP, cache_salt="a", use_tqdm=False)
+    # the 38 computed tokens (31 prompt + 7 of the 8 outputs) fill 9 blocks, cached again
+    assert llm.stats()["prefix_cache_hits"] == 84 and llm.stats()["num_cached_kv_blocks"] == 9
     with pytest.raises(InvalidRequestError):
         llm.generate(ids([prompt]), SP, cache_salt="", use_tqdm=False)
     with pytest.raises(InvalidRequestError):
