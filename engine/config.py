@@ -33,6 +33,8 @@ class EngineConfig:
       (prompts longer than the budget are prefilled in chunks).
     - ``num_kv_blocks``: explicit pool size; otherwise from ``kv_cache_memory_gib`` (CPU) or
       ``gpu_memory_utilization`` (CUDA).
+    - ``enable_prefix_caching``: reuse the KV of full blocks shared with earlier requests (same
+      tokens from the start, same LoRA adapter, same ``cache_salt``); see block_manager.py.
     """
 
     model: str
