@@ -194,6 +194,17 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached_blocks = 0
 
+    def check_invariants(self) -> None:
+        """Raise ``RuntimeError`` if the bookkeeping is inconsistent (for tests and debugging)."""
+        free, lru = set(self._free), set(self._evictable)
+        unused = {b for b in range(self.num_blocks) if self.ref_counts[b] == 0}
+        if len(free) != len(self._free) or free & lru or free | lru != unused or min(self.ref_counts) < 0:
+            raise RuntimeError("free lists and reference counts disagree")
+        if any(self.block_hash[b] is None for b in lru) or any(self.block_hash[b] is not None for b in free):
+            raise RuntimeError("evictable blocks must be exactly the unused cached ones")
+        if {h: b for b, h in enumerate(self.block_hash) if h is not None} != self._cached:
+            raise RuntimeError("hash table and block hashes disagree")
+
     # ------------------------------------------------------------------ internals
     def _take_free_block(self) -> int:
         if self._free:

@@ -31,12 +31,7 @@ def compute(bm: BlockManager, seq, num_tokens: int | None = None) -> list[int]:
 
 
 def check_invariants(bm: BlockManager) -> None:
-    """Free (plain or evictable) exactly when unreferenced; the hash table and block hashes agree."""
-    free, lru = set(bm._free), set(bm._evictable)
-    assert not free & lru and len(free) == len(bm._free)
-    assert free | lru == {b for b in range(bm.num_blocks) if bm.ref_counts[b] == 0}
-    assert all(bm.block_hash[b] is not None for b in lru) and all(bm.block_hash[b] is None for b in free)
-    assert {h: b for b, h in enumerate(bm.block_hash) if h is not None} == bm._cached
+    bm.check_invariants()
 
 
 def admit(bm: BlockManager, seq) -> list[int]:
@@ -114,6 +109,10 @@ def test_lru_evicts_least_recently_freed_and_never_cached_blocks_first():
         taken.append(d.block_table[-1])
     assert taken[-1] == a0
     check_invariants(bm)
+    bm.ref_counts[d.block_table[0]] -= 1  # the checker catches a lost reference
+    with pytest.raises(RuntimeError):
+        bm.check_invariants()
+    bm.ref_counts[d.block_table[0]] += 1
     bm.free(d)
     assert bm.num_free_blocks == 4 and sum(bm.ref_counts) == 0
     check_invariants(bm)

@@ -221,3 +221,43 @@ def test_adapters_never_share_cached_blocks(tiny_checkpoint, tmp_path):
     assert tokens(llm.generate(ids([prompt]), SP, lora_request=req_a, use_tqdm=False)) == want_a2
     assert llm.stats()["prefix_cache_hits"] == 28
     assert_all_free(llm)
+
+
+def test_random_traffic_with_aborts_preemption_and_eviction(case):
+    """Requests over shared prefixes arrive and are aborted at random on a pool small enough to
+    preempt and evict; after every step the bookkeeping is consistent and each block's count is
+    the number of live sequences holding it; every finished greedy sample equals Hugging Face."""
+    path, prompts, expected = case
+    llm = LLM(model=path, enable_prefix_caching=True, num_kv_blocks=24, block_size=4, max_num_seqs=6,
+              max_num_batched_tokens=40)
+    engine, bm, rng = llm.engine, llm.engine.block_manager, random.Random(3)
+    sp = {1: SP, 2: SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, n=2)}
+    which, finished, aborted, next_id = {}, {}, set(), 0
+    for step in range(400):
+        if next_id < 60 and rng.random() < 0.5:
+            which[f"q{next_id}"] = i = rng.randrange(len(prompts))
+            engine.add_request(f"q{next_id}", {"prompt_token_ids": prompts[i]}, sp[rng.choice((1, 1, 2))])
+            next_id += 1
+        live = [rid for rid in engine.requests]
+        if live and rng.random() < 0.04:
+            rid = rng.choice(live)
+            engine.abort_request(rid)
+            aborted.add(rid)
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        bm.check_invariants()
+        held = [0] * bm.num_blocks
+        for request in engine.requests.values():
+            for seq in request.seqs:
+                for block in seq.block_table:
+                    held[block] += 1
+        assert held == bm.ref_counts, step
+        if next_id >= 60 and not engine.has_unfinished_requests():
+            break
+    assert not engine.has_unfinished_requests() and len(finished) + len(aborted) == 60
+    stats = llm.stats()
+    assert stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0 and len(finished) > 30
+    for rid, out in finished.items():
+        assert [c.token_ids for c in out.outputs] == [expected[which[rid]]] * len(out.outputs), rid
+    assert_all_free(llm)
