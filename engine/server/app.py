@@ -195,6 +195,14 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
     async def chat_completions(body: p.ChatCompletionRequest, raw: Request):
         return await serving.chat(body, raw)
 
+    @app.post("/reset_prefix_cache", status_code=200, responses=_errors_route_responses())
+    async def reset_prefix_cache():
+        """Drop every prefix-cache entry (vLLM's endpoint; benchmarks call it between runs)."""
+        if not callable(getattr(engine, "reset_prefix_cache", None)):
+            raise APIError(404, "this engine has no prefix cache", code="not_supported")
+        await async_engine.call(lambda e: e.reset_prefix_cache())
+        return JSONResponse({"status": "ok"})
+
     @app.post("/tokenize", response_model=p.TokenizeResponse, responses=_errors_route_responses())
     async def tokenize(body: p.TokenizeRequest):
         serving.resolve_model(body.model)
