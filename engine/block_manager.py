@@ -48,8 +48,10 @@ class BlockManager:
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self._cached: dict[bytes, int] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # LRU: least recently freed first
-        self.prefix_cache_queries = 0  # tokens looked up (per admitted sequence)
-        self.prefix_cache_hits = 0  # of which found cached
+        # in tokens, per admitted sequence (a preempted one counts again when it comes back);
+        # sequences that skip the cache (prompt logprobs) are not counted
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     # ------------------------------------------------------------------ queries
     @property
