@@ -225,20 +225,21 @@ class OpenAIServing:
         disconnect = asyncio.create_task(_until_disconnect(raw))
         sent_text: dict[tuple[int, int], int] = {}
         sent_tokens: dict[tuple[int, int], int] = {}
+        echoed: set[tuple[int, int]] = set()
         completion_tokens = 0
         try:
             async for i, out in _merged(handles, disconnect):
                 choices = []
                 for c in out.outputs:
                     key = (i, c.index)
-                    if key not in sent_text and echo:
-                        choices.append(p.CompletionChoice(index=i * body.n + c.index, text=echo[i]))
                     start, tok_start = sent_text.get(key, 0), sent_tokens.get(key, 0)
                     delta = c.text[start:]
+                    if echo and key not in echoed:  # the prompt leads the first chunk of each choice
+                        echoed.add(key)
+                        delta = echo[i] + delta
                     new_tokens = len(c.token_ids) - tok_start
                     finished = c.finish_reason is not None
                     if not delta and not finished and not (body.logprobs is not None and new_tokens):
-                        sent_text.setdefault(key, start)
                         continue
                     lp = None
                     if body.logprobs is not None:

@@ -319,3 +319,10 @@ def test_client_disconnect_aborts_and_frees_blocks(api_server, stream):
     assert api_server.metric("pageant:num_free_kv_blocks") == total
     assert api_server.metric("vllm:request_failure_total", {"reason": "abort"}) == aborts + 1
     assert api_server.metric("vllm:request_success_total") == successes
+
+
+def test_echo_streamed_and_not(client):
+    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, echo=True)
+    full = client.completions.create(**kwargs).choices[0].text
+    texts, _, _ = _stream_text(client.completions.create(stream=True, **kwargs))
+    assert full.startswith(PROMPT) and texts == {0: full}
