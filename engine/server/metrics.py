@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily  # noqa: F401
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pageant.engine.outputs import RequestOutput
@@ -102,8 +102,6 @@ class ServerMetrics:
         self.request_failure = Counter("vllm:request_failure",
                                        "Requests that failed: rejected (4xx), errored (5xx) or aborted.",
                                        ["model_name", "reason"], registry=reg)
-        self.http_requests = Counter("pageant:http_requests", "HTTP requests by route and status code.",
-                                     ["model_name", "route", "status"], registry=reg)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
                               ["model_name"], buckets=_TTFT_BUCKETS, registry=reg)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
@@ -174,9 +172,6 @@ class ServerMetrics:
     # ------------------------------------------------------------------ event loop
     def failure(self, reason: str) -> None:
         self.request_failure.labels(self.model_name, reason).inc()
-
-    def http(self, route: str, status: int) -> None:
-        self.http_requests.labels(self.model_name, route, str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
