@@ -76,6 +76,22 @@ async def _merged(handles: list[RequestHandle], disconnect: asyncio.Task) -> Asy
             handle.close()
 
 
+class _EventStream(StreamingResponse):
+    """Server-sent events whose requests are closed (aborted if unfinished) however the response
+    ends, even if the body iterator never started (e.g. the server could not send the headers)."""
+
+    def __init__(self, body, handles: list[RequestHandle]):
+        super().__init__(body, media_type="text/event-stream")
+        self._handles = handles
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for handle in self._handles:
+                handle.close()
+
+
 def _sse(obj) -> str:
     data = obj.model_dump_json() if hasattr(obj, "model_dump_json") else json.dumps(obj)
     return f"data: {data}\n\n"
@@ -196,7 +212,7 @@ class OpenAIServing:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             gen = self._completion_stream(handles, raw, request_id, created, model, prompts, body, echo, include_usage)
-            return StreamingResponse(gen, media_type="text/event-stream")
+            return _EventStream(gen, handles)
         try:
             finals = await self._collect(handles, raw)
         except ClientDisconnected:
@@ -294,7 +310,7 @@ class OpenAIServing:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             gen = self._chat_stream(handles, raw, request_id, created, model, len(ids), body, include_usage)
-            return StreamingResponse(gen, media_type="text/event-stream")
+            return _EventStream(gen, handles)
         try:
             finals = await self._collect(handles, raw)
         except ClientDisconnected:
