@@ -75,8 +75,9 @@ def read_adapters_file(path: str | os.PathLike) -> list[AdapterSpec]:
     return specs
 
 
-def validate_specs(specs: list[AdapterSpec], *, allowed_root: str | None, base_names: list[str],
-                   max_cpu_loras: int | None = None) -> None:
+def validate_specs(specs: list[AdapterSpec], *, allowed_root: str | None, base_names: list[str]) -> None:
+    """Unique names (not the base model's) and paths under the allowed root. More adapters than
+    ``--max-cpu-loras`` is fine: the engine's LRU cache reloads evicted ones from their path."""
     seen: set[str] = set()
     for spec in specs:
         if spec.name in seen or spec.name in base_names:
@@ -87,8 +88,6 @@ def validate_specs(specs: list[AdapterSpec], *, allowed_root: str | None, base_n
             target = pathlib.Path(spec.path).resolve()
             if target != root and root not in target.parents:
                 raise AdapterConfigError(f"adapter {spec.name!r}: {spec.path} is outside --allowed-lora-root {allowed_root}")
-    if max_cpu_loras is not None and len(specs) > max_cpu_loras:
-        raise AdapterConfigError(f"{len(specs)} adapters configured but --max-cpu-loras is {max_cpu_loras}")
 
 
 def engine_supports_lora(engine) -> bool:
@@ -101,7 +100,7 @@ class AdapterManager:
     """Keeps the engine's loaded adapters equal to ``--lora-modules`` plus the watched file."""
 
     def __init__(self, async_engine, *, static: list[AdapterSpec], file: str | None, allowed_root: str | None,
-                 base_names: list[str], max_loras: int = 0, max_cpu_loras: int | None = None,
+                 base_names: list[str], max_loras: int = 0,
                  poll_interval: float = 2.0):
         self.async_engine = async_engine
         self.static = list(static)
@@ -109,7 +108,6 @@ class AdapterManager:
         self.allowed_root = allowed_root
         self.base_names = base_names
         self.max_loras = max_loras
-        self.max_cpu_loras = max_cpu_loras
         self.poll_interval = poll_interval
         self.loaded: dict[str, LoRARequest] = {}  # routable adapters
         self.removing: dict[str, LoRARequest] = {}  # unroutable, still loaded while requests use them
@@ -123,8 +121,7 @@ class AdapterManager:
 
     def desired(self) -> list[AdapterSpec]:
         specs = self.static + (read_adapters_file(self.file) if self.file else [])
-        validate_specs(specs, allowed_root=self.allowed_root, base_names=self.base_names,
-                       max_cpu_loras=self.max_cpu_loras)
+        validate_specs(specs, allowed_root=self.allowed_root, base_names=self.base_names)
         return specs
 
     def check_startup(self) -> list[AdapterSpec]:

@@ -55,7 +55,6 @@ class ServerConfig:
     lora_modules_file: str | None = None
     allowed_lora_root: str | None = None
     max_loras: int = 0
-    max_cpu_loras: int | None = None
     adapters_poll_interval: float = 2.0
 
 
@@ -81,7 +80,7 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
                                stall_timeout=config.engine_stall_timeout)
     adapters = AdapterManager(async_engine, static=config.lora_modules, file=config.lora_modules_file,
                               allowed_root=config.allowed_lora_root, base_names=names, max_loras=config.max_loras,
-                              max_cpu_loras=config.max_cpu_loras, poll_interval=config.adapters_poll_interval)
+                              poll_interval=config.adapters_poll_interval)
 
     def lora_info() -> dict:
         stats = async_engine.stats()

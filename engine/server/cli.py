@@ -168,7 +168,7 @@ def _server_config(args: argparse.Namespace, api_keys: list[str]):
         max_body_bytes=args.max_request_body_bytes, max_n=args.max_n,
         engine_stall_timeout=args.engine_stall_timeout, lora_modules=parse_lora_modules(args.lora_modules),
         lora_modules_file=args.lora_modules_file, allowed_lora_root=args.allowed_lora_root,
-        max_loras=args.max_loras if args.enable_lora else 0, max_cpu_loras=args.max_cpu_loras,
+        max_loras=args.max_loras if args.enable_lora else 0,
     )
 
 
