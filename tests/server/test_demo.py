@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import re
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -48,4 +51,11 @@ def test_serve_without_model_answers_a_chat_in_english(serve):
     printable = sum(ch.isascii() and (ch.isprintable() or ch.isspace()) for ch in text)
     assert printable / len(text) > 0.95, text
     assert httpx.get(f"{server.base_url}/health").status_code == 200
+
+    # The shipped example works against it as documented.
+    example = pathlib.Path(__file__).resolve().parents[2] / "examples" / "openai_client.py"
+    out = subprocess.run([sys.executable, str(example), "--base-url", f"{server.base_url}/v1"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "using pageant-demo" in out.stdout and "finish_reason=" in out.stdout and "usage=" in out.stdout
 
