@@ -20,8 +20,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--model", default=None, help="model name (default: the first of GET /v1/models)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--num-prompts", type=int, default=100)
-    p.add_argument("--request-rate", type=float, default=float("inf"),
-                   help="requests per second (Poisson arrivals); inf sends all at once")
+    p.add_argument("--request-rate", type=_rates, default=[float("inf")],
+                   help="requests per second (Poisson arrivals); inf sends all at once; a comma-separated "
+                        "list runs one benchmark per rate and plots them together")
     p.add_argument("--burstiness", type=float, default=1.0,
                    help="gamma shape of the arrival process: 1 = Poisson, <1 burstier, >1 smoother")
     p.add_argument("--max-concurrency", type=int, default=None)
@@ -38,6 +39,16 @@ def _serve_parser(sub) -> None:
     p.add_argument("--result-dir", default="benchmarks/results")
     p.add_argument("--label", default=None, help="a name for this run in the saved files")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad request rate list {text!r}") from None
+    if not rates or any(r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError("request rates must be > 0 (inf sends all at once)")
+    return rates
 
 
 def _throughput_parser(sub) -> None:
@@ -106,27 +117,32 @@ def run_serve(args) -> int:
         reqs = datasets.sharegpt_requests(args.dataset_path, args.num_prompts, seed=args.seed,
                                           tokenizer=tokenizer, max_output_len=out_range[1])
     model = args.model or _first_model(args.base_url, args.api_key)
-    results, duration = asyncio.run(run_serve_benchmark(
-        args.base_url, model, reqs, request_rate=args.request_rate, burstiness=args.burstiness,
-        max_concurrency=args.max_concurrency, api_key=args.api_key, endpoint=args.endpoint,
-        seed=args.seed, progress=not args.no_progress,
-    ))
-    summary = summarize(results, duration)
-    print(format_summary(summary))
+    runs: dict[str, tuple[list, dict]] = {}
+    for rate in args.request_rate:
+        results, duration = asyncio.run(run_serve_benchmark(
+            args.base_url, model, reqs, request_rate=rate, burstiness=args.burstiness,
+            max_concurrency=args.max_concurrency, api_key=args.api_key, endpoint=args.endpoint,
+            seed=args.seed, progress=not args.no_progress,
+        ))
+        summary = summarize(results, duration)
+        print(format_summary(summary, title=f"Serving Benchmark Result (rate {rate:g} req/s)"))
+        runs[f"rate {rate:g}"] = (results, summary)
     if args.save_result:
         from pageant.engine.bench.plots import plot_serve
 
-        label = args.label or f"serve_{args.dataset}_rate{args.request_rate:g}"
+        rates = "_".join(f"{r:g}" for r in args.request_rate)
+        label = args.label or f"serve_{args.dataset}_rate{rates}"
         out_dir = Path(args.result_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         config = {k: v for k, v in vars(args).items() if k not in ("api_key", "func")}
-        config["request_rate"] = str(args.request_rate)
-        doc = {"meta": _meta(), "config": config, "model": model, "summary": summary,
-               "requests": results_as_dict(results)}
+        config["request_rate"] = [str(r) for r in args.request_rate]
+        doc = {"meta": _meta(), "config": config, "model": model,
+               "runs": [{"request_rate": str(r), "summary": summary, "requests": results_as_dict(results)}
+                        for r, (results, summary) in zip(args.request_rate, runs.values())]}
         (out_dir / f"{label}.json").write_text(json.dumps(doc, indent=1))
-        plot_serve({label: results}, out_dir / f"{label}.png")
+        plot_serve({name: results for name, (results, _) in runs.items()}, out_dir / f"{label}.png")
         print(f"saved {out_dir / (label + '.json')} and {out_dir / (label + '.png')}")
-    return 0 if summary["completed"] else 1
+    return 0 if all(summary["completed"] for _, summary in runs.values()) else 1
 
 
 def build_bench_checkpoint(path: Path, size: str) -> Path:

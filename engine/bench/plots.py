@@ -14,11 +14,14 @@ def _plt():
     return plt
 
 
-def plot_serve(results_by_label: dict[str, list], path: Path, bin_s: float = 1.0) -> Path:
+def plot_serve(results_by_label: dict[str, list], path: Path, bin_s: float | None = None) -> Path:
     """Latency CDFs (TTFT, TPOT, ITL, E2E) and output tokens/s over time, one line per run."""
     import numpy as np
 
     plt = _plt()
+    if bin_s is None:  # about 30 bins over the longest run, at least 100 ms each
+        ends = [t for results in results_by_label.values() for r in results for t in r.chunk_times[-1:]]
+        bin_s = max(max(ends, default=1.0) / 30, 0.1)
     fig, axes = plt.subplots(1, 5, figsize=(24, 4.2))
     for label, results in results_by_label.items():
         ok = [r for r in results if r.success]
@@ -37,11 +40,11 @@ def plot_serve(results_by_label: dict[str, list], path: Path, bin_s: float = 1.0
             ax.grid(alpha=0.3)
         times = [t for r in ok for t in r.chunk_times]
         if times:
-            edges = np.arange(0.0, max(times) + bin_s, bin_s)
+            edges = np.arange(0.0, max(times) + 2 * bin_s, bin_s)
             counts, _ = np.histogram(times, bins=edges)
-            axes[4].plot(edges[:-1], counts / bin_s, label=label)
+            axes[4].step(edges[:-1], counts / bin_s, where="post", label=label)
     axes[4].set_xlabel("time since start (s)")
-    axes[4].set_ylabel("output chunks/s")
+    axes[4].set_ylabel("streamed output chunks/s (≈ tokens/s)")
     axes[4].grid(alpha=0.3)
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
