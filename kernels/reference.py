@@ -32,8 +32,52 @@ def _gather_context(
     cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     block_table: torch.Tensor,  # [num_seqs, num_blocks_needed] int32
 ) -> torch.Tensor:  # [num_seqs, num_blocks_needed * block_size, num_kv_heads, head_dim]
-    blocks = cache[block_table.long()]  # [num_seqs, nb, block_size, kvh, d]
-    return blocks.flatten(1, 2)
+    num_seqs, nb = block_table.shape
+    rows = cache.view(cache.shape[0], -1).index_select(0, block_table.reshape(-1).long())  # one copy
+    return rows.view(num_seqs, nb * cache.shape[1], *cache.shape[2:])
+
+
+# Decode groups: sequences sorted by length are split where the length falls below this fraction of
+# the group's longest, so short contexts are not padded to the batch's longest one.
+_DECODE_GROUP_RATIO = 0.6
+
+
+def _decode_groups(lens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Rows sorted by context length, longest first, and ``[start, end)`` spans of that order whose
+    lengths stay above ``_DECODE_GROUP_RATIO`` of the span's first (longest) one."""
+    order = sorted(range(len(lens)), key=lens.__getitem__, reverse=True)
+    spans, start = [], 0
+    for j in range(1, len(order)):
+        if lens[order[j]] < _DECODE_GROUP_RATIO * lens[order[start]]:
+            spans.append((start, j))
+            start = j
+    spans.append((start, len(order)))
+    return order, spans
+
+
+def _decode_dense(
+    query: torch.Tensor,  # [num_seqs, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, >= nb] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    max_seq_len: int,
+    scale: float,
+) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
+    num_seqs, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    nb = (max_seq_len + block_size - 1) // block_size
+    num_ctx = nb * block_size
+    # one gather each, then views: [s, t, kvh, d] -> [s, kvh, t, d] (no copy)
+    k = _gather_context(k_cache, block_tables[:, :nb]).transpose(1, 2)
+    v = _gather_context(v_cache, block_tables[:, :nb]).transpose(1, 2)
+    # the `group` query heads sharing a KV head act as `group` query rows of that head
+    q = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [s, kvh, g, d]
+    positions = torch.arange(num_ctx, device=query.device)  # [t]
+    allowed = positions[None, :] < seq_lens[:, None].to(positions.dtype)  # [s, t]
+    q, k, v = q.float(), k.float(), v.float()  # float32 math, as before (no-ops on float32)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :], scale=scale)  # [s, kvh, g, d]
+    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
 
 
 def paged_attention_decode(
@@ -44,24 +88,32 @@ def paged_attention_decode(
     seq_lens: torch.Tensor,  # [num_seqs] int32: cached tokens, the query's own included
     scale: float,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
-    """One query token per sequence attending to its whole cached context (GQA aware)."""
-    num_seqs, num_heads, head_dim = query.shape
+    """One query token per sequence attending to its whole cached context (GQA aware).
+
+    Sequences are grouped by context length (see ``_decode_groups``); each group gathers its pages
+    once and runs one masked SDPA, padded only to the group's longest context. A sequence with
+    ``seq_len`` 0 gets zeros (as the Triton kernel does for padding rows).
+    """
+    num_seqs = query.shape[0]
     if num_seqs == 0:
         return query.new_empty(query.shape)
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    max_seq_len = int(seq_lens.max())
-    nb = (max_seq_len + block_size - 1) // block_size
-    k = _gather_context(k_cache, block_tables[:, :nb])  # [num_seqs, nb * block_size, kvh, d]
-    v = _gather_context(v_cache, block_tables[:, :nb])
-    group = num_heads // num_kv_heads
-    q = query.view(num_seqs, num_kv_heads, group, head_dim).float()  # [s, kvh, g, d]
-    scores = torch.einsum("skgd,stkd->skgt", q, k.float()) * scale  # [s, kvh, g, t]
-    positions = torch.arange(k.shape[1], device=query.device)  # [t]
-    mask = positions[None, :] >= seq_lens[:, None].to(positions.dtype)  # [s, t]
-    scores.masked_fill_(mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("skgt,stkd->skgd", probs, v.float())  # [s, kvh, g, d]
-    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+    lens = seq_lens.tolist()
+    if min(lens) <= 0:
+        out = torch.zeros_like(query)
+        live = [i for i, n in enumerate(lens) if n > 0]
+        if live:
+            rows = torch.tensor(live, device=query.device)
+            out[rows] = paged_attention_decode(query[rows], k_cache, v_cache, block_tables[rows],
+                                               seq_lens[rows], scale)
+        return out
+    order, spans = _decode_groups(lens)
+    if len(spans) == 1:
+        return _decode_dense(query, k_cache, v_cache, block_tables, seq_lens, lens[order[0]], scale)
+    perm = torch.tensor(order, device=query.device)
+    q, tables, sorted_lens = query.index_select(0, perm), block_tables.index_select(0, perm), seq_lens.index_select(0, perm)
+    parts = [_decode_dense(q[a:b], k_cache, v_cache, tables[a:b], sorted_lens[a:b], lens[order[a]], scale)
+             for a, b in spans]
+    return torch.empty_like(query).index_copy_(0, perm, torch.cat(parts))
 
 
 def paged_attention_prefill(
