@@ -156,6 +156,11 @@ def truncated_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None = None) -> SamplerOutput:
     """Pick one token per row of ``logits`` ([num_rows, vocab] float32; modified in place)."""
     logits = apply_processors(logits, batch)
+    if batch.all_greedy and all(k is None for k in batch.num_logprobs):  # fast path: no [rows, vocab] log_softmax
+        chosen = logits.argmax(dim=-1)  # [num_rows]
+        chosen_lp = logits.gather(-1, chosen[:, None])[:, 0] - logits.logsumexp(dim=-1)  # [num_rows]
+        n = len(batch.num_logprobs)
+        return SamplerOutput(chosen.tolist(), chosen_lp.tolist(), [None] * n, [None] * n)
     logprobs = logits.log_softmax(dim=-1)  # [num_rows, vocab]
     chosen = logits.argmax(dim=-1)  # [num_rows]
     if not batch.all_greedy:

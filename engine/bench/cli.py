@@ -66,6 +66,8 @@ def _throughput_parser(sub) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for both sides (default: every CPU core)")
     p.add_argument("--save-result", action="store_true")
     p.add_argument("--result-dir", default="benchmarks/results")
     p.add_argument("--label", default=None)
@@ -163,8 +165,15 @@ def run_throughput(args) -> int:
 
     from transformers import AutoConfig
 
+    import os
+
+    import torch
+
     from pageant.engine.bench.throughput import kv_memory_report, make_requests, run_hf, run_pageant
 
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)  # the same for Pageant and Hugging Face
+    print(f"torch threads: {threads}")
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else build_bench_checkpoint(Path(tmp) / "ckpt", args.build_size)
         config = AutoConfig.from_pretrained(model)
