@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true`` as
 server-sent events), ``GET /v1/models`` (the base model and every loaded LoRA adapter),
-``POST /tokenize``, ``POST /detokenize``, ``GET /version``, ``GET /health`` (the engine loop is alive
+``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (runtime LoRA adapters, with
+--enable-lora), ``POST /tokenize``, ``POST /detokenize``, ``GET /version``, ``GET /health`` (the engine loop is alive
 and making progress), ``GET /ready`` (model loaded, not draining), ``GET /metrics`` (Prometheus, vLLM's
 metric names). Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 

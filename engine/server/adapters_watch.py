@@ -1,4 +1,4 @@
-"""LoRA adapters from `--lora-modules` and a watched `--lora-modules-file`.
+"""LoRA adapters: `--lora-modules`, a watched `--lora-modules-file`, and the runtime HTTP endpoints.
 
 The file (``{"adapters": [{"name": ..., "path": ...}]}``) is how the operator makes adapters go live
 without restarting pods: the server reads it at start and polls it (mtime and content) every few
@@ -7,6 +7,20 @@ seconds, loading and unloading adapters to match. The engine loads adapters thro
 An adapter that is removed from the file stops being routable at once; the engine unloads it as
 soon as no unfinished request uses it (``remove_lora`` refuses while one does, so it is retried on
 every poll). Adapters configured on an engine without LoRA enabled are a clear startup error.
+
+``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (vLLM's endpoints) load and
+unload adapters at run time (``load`` / ``unload`` below). Every adapter remembers its *origin*
+(``"static"``: --lora-modules, ``"file"``: the watched file, ``"api"``: the HTTP endpoints), so the
+two mechanisms never fight: the file watcher only adds and removes ``static``/``file`` adapters
+(a file entry whose name is taken by an ``api`` adapter is an error until that adapter is
+unloaded), and the HTTP unload only removes ``api`` adapters.
+
+Unload semantics (``unload``): the adapter stops being routable at once (new requests for it get
+404), then the server waits up to ``unload_timeout`` seconds for the adapter's unfinished requests
+to end. If they do, the adapter is unloaded (200). If they do not, the unload is *refused* with
+409 and the adapter is routable again, exactly as before the call: nothing in flight is cut off,
+and the caller may retry later (or cancel the requests). All engine calls go through the engine
+thread (``AsyncEngine.call``); the event loop never touches the ``LLMEngine``.
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ import pathlib
 from dataclasses import dataclass
 
 from pageant.engine.lora import LoRARequest
+from pageant.engine.server.validation import APIError
 
 logger = logging.getLogger("pageant.server")
 
@@ -75,6 +90,14 @@ def read_adapters_file(path: str | os.PathLike) -> list[AdapterSpec]:
     return specs
 
 
+def _under_root(path: str, allowed_root: str) -> bool:
+    """``path`` (relative paths count from the root, as the engine reads them) lies inside the root."""
+    root = pathlib.Path(allowed_root).expanduser().resolve()
+    raw = pathlib.Path(path).expanduser()
+    target = (raw if raw.is_absolute() else root / raw).resolve()
+    return target == root or root in target.parents
+
+
 def validate_specs(specs: list[AdapterSpec], *, allowed_root: str | None, base_names: list[str]) -> None:
     """Unique names (not the base model's) and paths under the allowed root. More adapters than
     ``--max-cpu-loras`` is fine: the engine's LRU cache reloads evicted ones from their path."""
@@ -83,11 +106,8 @@ def validate_specs(specs: list[AdapterSpec], *, allowed_root: str | None, base_n
         if spec.name in seen or spec.name in base_names:
             raise AdapterConfigError(f"adapter name {spec.name!r} is used twice (or is the base model's name)")
         seen.add(spec.name)
-        if allowed_root is not None:
-            root = pathlib.Path(allowed_root).resolve()
-            target = pathlib.Path(spec.path).resolve()
-            if target != root and root not in target.parents:
-                raise AdapterConfigError(f"adapter {spec.name!r}: {spec.path} is outside --allowed-lora-root {allowed_root}")
+        if allowed_root is not None and not _under_root(spec.path, allowed_root):
+            raise AdapterConfigError(f"adapter {spec.name!r}: {spec.path} is outside --allowed-lora-root {allowed_root}")
 
 
 def engine_supports_lora(engine) -> bool:
@@ -97,11 +117,12 @@ def engine_supports_lora(engine) -> bool:
 
 
 class AdapterManager:
-    """Keeps the engine's loaded adapters equal to ``--lora-modules`` plus the watched file."""
+    """The server's adapters: ``--lora-modules`` plus the watched file (kept equal to the config)
+    plus those loaded over HTTP (kept until unloaded over HTTP). See the module docstring."""
 
     def __init__(self, async_engine, *, static: list[AdapterSpec], file: str | None, allowed_root: str | None,
-                 base_names: list[str], max_loras: int = 0,
-                 poll_interval: float = 2.0):
+                 base_names: list[str], max_loras: int = 0, poll_interval: float = 2.0,
+                 unload_timeout: float = 30.0):
         self.async_engine = async_engine
         self.static = list(static)
         self.file = file
@@ -109,8 +130,11 @@ class AdapterManager:
         self.base_names = base_names
         self.max_loras = max_loras
         self.poll_interval = poll_interval
+        self.unload_timeout = unload_timeout
         self.loaded: dict[str, LoRARequest] = {}  # routable adapters
         self.removing: dict[str, LoRARequest] = {}  # unroutable, still loaded while requests use them
+        self.origin: dict[str, str] = {}  # name -> "static" | "file" | "api", for loaded and removing
+        self._busy: set[str] = set()  # names an HTTP load or unload is working on
         self._next_id = 1
         self._fingerprint: tuple | None = None
         self.last_error: str | None = None
@@ -123,6 +147,14 @@ class AdapterManager:
         specs = self.static + (read_adapters_file(self.file) if self.file else [])
         validate_specs(specs, allowed_root=self.allowed_root, base_names=self.base_names)
         return specs
+
+    def _origin_of(self, spec: AdapterSpec) -> str:
+        return "static" if spec in self.static else "file"
+
+    def _new_request(self, name: str, path: str) -> LoRARequest:
+        req = LoRARequest(name, self._next_id, path)
+        self._next_id += 1
+        return req
 
     def check_startup(self) -> list[AdapterSpec]:
         """Raise ``AdapterConfigError`` if the configured adapters cannot be served at all."""
@@ -141,13 +173,13 @@ class AdapterManager:
         specs = self.check_startup()
         engine = self.async_engine.engine
         for spec in specs:
-            req = LoRARequest(spec.name, self._next_id, spec.path)
-            self._next_id += 1
+            req = self._new_request(spec.name, spec.path)
             try:
                 engine.add_lora(req)
             except Exception as exc:  # noqa: BLE001 - LoRAAdapterError and friends: one clear line
                 raise AdapterConfigError(f"adapter {spec.name!r}: {exc}") from None
             self.loaded[spec.name] = req
+            self.origin[spec.name] = self._origin_of(spec)
             logger.info("loaded LoRA adapter %s from %s", spec.name, spec.path)
         self._fingerprint = self._file_fingerprint()
 
@@ -164,27 +196,35 @@ class AdapterManager:
             return ("missing",)
         return (st.st_mtime_ns, st.st_size, hashlib.sha256(data).hexdigest())
 
+    # ------------------------------------------------------------------ the watched config
     async def sync(self) -> None:
-        """Load new adapters; make removed (or re-pointed) ones unroutable and unload them."""
+        """Load new adapters; make removed (or re-pointed) ones unroutable and unload them. Only
+        ``static``/``file`` adapters are touched: those loaded over HTTP are left alone."""
         want = {s.name: s for s in self.desired()}
         if want and not self.supported:
             raise AdapterConfigError("LoRA adapters are configured but LoRA is not enabled (--enable-lora)")
         for name, req in list(self.loaded.items()):
+            if self.origin.get(name) == "api" or name in self._busy:
+                continue
             if name not in want or want[name].path != req.lora_path:
                 self.removing[name] = self.loaded.pop(name)
         await self._unload_pending()
         errors = []
         for name, spec in want.items():
+            if self.origin.get(name) == "api" or name in self._busy:  # loaded (or being loaded) over HTTP
+                errors.append(f"adapter {name!r}: the name is taken by an adapter loaded over the HTTP API; "
+                              "unload it there first")
+                continue
             if name in self.loaded or name in self.removing:
                 continue  # a re-pointed adapter is loaded again once its old version is gone
-            req = LoRARequest(spec.name, self._next_id, spec.path)
-            self._next_id += 1
+            req = self._new_request(spec.name, spec.path)
             try:
                 await self.async_engine.call(lambda e, r=req: e.add_lora(r))
             except Exception as exc:  # noqa: BLE001 - one bad adapter must not block the others
                 errors.append(f"adapter {name!r}: {exc}")
                 continue
             self.loaded[name] = req
+            self.origin[name] = self._origin_of(spec)
             logger.info("loaded LoRA adapter %s from %s", name, spec.path)
         if errors:
             raise AdapterConfigError("; ".join(errors))
@@ -192,12 +232,15 @@ class AdapterManager:
     async def _unload_pending(self) -> bool:
         """Try to unload adapters that left the config; True if some are still waiting."""
         for name, req in list(self.removing.items()):
+            if name in self._busy:
+                continue  # an HTTP unload is waiting on it
             try:
                 await self.async_engine.call(lambda e, n=name: e.remove_lora(n))
             except Exception as exc:  # noqa: BLE001 - in use: retried on the next poll
                 logger.info("adapter %s is still in use; unloading it later (%s)", name, exc)
                 continue
             del self.removing[name]
+            self.origin.pop(name, None)
             logger.info("unloaded LoRA adapter %s", name)
         return bool(self.removing)
 
@@ -219,3 +262,85 @@ class AdapterManager:
                     self._fingerprint = fingerprint
                     logger.error("adapters file %s: %s", self.file, exc)
             await asyncio.sleep(self.poll_interval)
+
+    # ------------------------------------------------------------------ the HTTP endpoints
+    def _require_lora(self) -> None:
+        if not self.supported:
+            raise APIError(400, "LoRA adapters are not enabled on this server: start it with --enable-lora",
+                           code="lora_not_enabled")
+
+    async def load(self, name: str, path: str) -> LoRARequest:
+        """``POST /v1/load_lora_adapter``: validate and load, or raise ``APIError`` (400) and load nothing."""
+        self._require_lora()
+        if not name or not path:
+            raise APIError(400, "both lora_name and lora_path must be non-empty", code="invalid_lora_adapter",
+                           param="lora_name" if not name else "lora_path")
+        if name in self.base_names:
+            raise APIError(400, f"The lora adapter name {name!r} collides with the base model's name.",
+                           param="lora_name", code="invalid_lora_adapter")
+        if name in self.loaded or name in self.removing or name in self._busy:
+            raise APIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name",
+                           code="lora_adapter_already_loaded")
+        if self.allowed_root is None and not pathlib.Path(path).expanduser().is_dir():
+            # no Hugging Face Hub downloads on the engine thread: a runtime adapter is a local folder
+            raise APIError(400, f"LoRA adapter folder {path!r} does not exist", param="lora_path",
+                           code="invalid_lora_adapter")
+        req = self._new_request(name, path)
+        self._busy.add(name)
+        try:
+            await self.async_engine.call(lambda e: e.add_lora(req))
+        except ValueError as exc:  # LoRAAdapterError: a bad adapter, path or name; nothing was loaded
+            raise APIError(400, f"Failed to load LoRA adapter {name!r}: {exc}", param="lora_path",
+                           code="invalid_lora_adapter") from None
+        finally:
+            self._busy.discard(name)
+        self.loaded[name] = req
+        self.origin[name] = "api"
+        logger.info("loaded LoRA adapter %s from %s (HTTP API)", name, path)
+        return req
+
+    async def unload(self, name: str) -> None:
+        """``POST /v1/unload_lora_adapter``: unroutable at once, then unloaded once its requests end
+        (up to ``unload_timeout`` seconds); 409 and routable again if they do not end in time."""
+        self._require_lora()
+        if name in self._busy or name in self.removing:
+            raise APIError(409, f"The lora adapter '{name}' is already being loaded or unloaded; retry later.",
+                           param="lora_name", code="lora_adapter_busy")
+        req = self.loaded.get(name)
+        if req is None:
+            raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name",
+                           code="lora_adapter_not_found")
+        if self.origin.get(name) != "api":
+            source = "--lora-modules" if self.origin.get(name) == "static" else "--lora-modules-file"
+            raise APIError(400, f"The lora adapter '{name}' comes from {source}; remove it there instead "
+                           "(only adapters loaded over the HTTP API can be unloaded over it).",
+                           param="lora_name", code="lora_adapter_from_config")
+        order = list(self.loaded)
+        self._busy.add(name)
+        del self.loaded[name]  # unroutable from now on
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.unload_timeout
+        try:
+            while True:
+                in_use = await self.async_engine.call(lambda e: e.num_lora_requests(name))
+                if not in_use:
+                    try:
+                        await self.async_engine.call(lambda e: e.remove_lora(name))
+                        break
+                    except ValueError:  # LoRAAdapterError: a request took it meanwhile; wait for it too
+                        in_use = 1
+                if loop.time() >= deadline:
+                    raise APIError(
+                        409, f"The lora adapter '{name}' still has {in_use} unfinished request(s) after waiting "
+                        f"{self.unload_timeout:g}s; it was not unloaded and is still served. Retry once they end.",
+                        param="lora_name", code="lora_adapter_in_use")
+                await asyncio.sleep(0.05)
+        except BaseException:  # refused (409), engine gone, or cancelled: routable again, in its old place
+            self.loaded[name] = req
+            self.loaded = {n: self.loaded[n] for n in order if n in self.loaded} | self.loaded
+            raise
+        finally:
+            self._busy.discard(name)
+        self.origin.pop(name, None)
+        self._fingerprint = None  # the file may name this adapter: let the watcher load it now
+        logger.info("unloaded LoRA adapter %s (HTTP API)", name)

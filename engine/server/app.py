@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pageant import __version__
 from pageant.engine.server import protocol as p
 from pageant.engine.server.adapters_watch import AdapterManager, AdapterSpec
-from pageant.engine.server.async_engine import AsyncEngine
+from pageant.engine.server.async_engine import AsyncEngine, EngineDeadError
 from pageant.engine.server.metrics import CONTENT_TYPE, ServerMetrics
 from pageant.engine.server.middleware import GuardMiddleware
 from pageant.engine.server.serving import OpenAIServing
@@ -30,10 +30,11 @@ logger = logging.getLogger("pageant.server")
 
 _field_names: set[str] = set()
 for _model in (p.CompletionRequest, p.ChatCompletionRequest, p.TokenizeRequest, p.DetokenizeRequest, p.ChatMessage,
-               p.TextContentPart, p.StreamOptions, p.ResponseFormat):
+               p.TextContentPart, p.StreamOptions, p.ResponseFormat, p.LoadLoRAAdapterRequest,
+               p.UnloadLoRAAdapterRequest):
     _field_names.update(_model.model_fields)
 
-_FAILURE_REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large",
+_FAILURE_REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 409: "conflict", 413: "too_large",
                     422: "bad_request", 429: "queue_full", 500: "server_error", 503: "unavailable"}
 
 
@@ -56,6 +57,7 @@ class ServerConfig:
     allowed_lora_root: str | None = None
     max_loras: int = 0
     adapters_poll_interval: float = 2.0
+    lora_unload_timeout: float = 30.0  # how long an HTTP unload waits for the adapter's requests (then 409)
 
 
 def _errors_route_responses() -> dict:
@@ -80,7 +82,7 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
                                stall_timeout=config.engine_stall_timeout)
     adapters = AdapterManager(async_engine, static=config.lora_modules, file=config.lora_modules_file,
                               allowed_root=config.allowed_lora_root, base_names=names, max_loras=config.max_loras,
-                              poll_interval=config.adapters_poll_interval)
+                              poll_interval=config.adapters_poll_interval, unload_timeout=config.lora_unload_timeout)
 
     def lora_info() -> dict:
         stats = async_engine.stats()
@@ -201,6 +203,32 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
             raise APIError(404, "this engine has no prefix cache", code="not_supported")
         await async_engine.call(lambda e: e.reset_prefix_cache())
         return JSONResponse({"status": "ok"})
+
+    def _adapter_responses() -> dict:
+        responses = _errors_route_responses()
+        responses[409] = {"model": p.ErrorResponse}
+        responses[200] = {"content": {"text/plain": {"schema": {"type": "string"}}}}
+        return responses
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_adapter_responses())
+    async def load_lora_adapter(body: p.LoadLoRAAdapterRequest):
+        """Load a LoRA adapter at run time (vLLM's endpoint; needs --enable-lora). It is then a model
+        in the API and in /v1/models. A bad adapter is a 400 and loads nothing."""
+        try:
+            await adapters.load(body.lora_name, body.lora_path)
+        except EngineDeadError as exc:
+            raise APIError(503, f"The engine is not running: {exc}", code="engine_dead") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_adapter_responses())
+    async def unload_lora_adapter(body: p.UnloadLoRAAdapterRequest):
+        """Unload an adapter loaded over HTTP: unroutable at once; unloaded when its unfinished requests
+        end, or 409 (and served again) if they have not ended within --lora-unload-timeout seconds."""
+        try:
+            await adapters.unload(body.lora_name)
+        except EngineDeadError as exc:
+            raise APIError(503, f"The engine is not running: {exc}", code="engine_dead") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/tokenize", response_model=p.TokenizeResponse, responses=_errors_route_responses())
     async def tokenize(body: p.TokenizeRequest):

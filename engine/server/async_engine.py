@@ -35,6 +35,10 @@ class QueueFullError(RuntimeError):
     """More requests are waiting than ``max_queued_requests`` allows."""
 
 
+class AdapterGoneError(InvalidRequestError):
+    """The request names a LoRA adapter that was unloaded after the server routed it (answered 404)."""
+
+
 class RequestFailedError(RuntimeError):
     """A request was ended by the server (engine step failure, shutdown) rather than by the model."""
 
@@ -191,7 +195,7 @@ class AsyncEngine:
     async def add(self, request_id: str, prompt: Any, params: SamplingParams, *, priority: int = 0,
                   **engine_kwargs) -> _Stream:
         """Admit a request; raises ``InvalidRequestError`` (the engine refused it) or ``EngineDeadError``."""
-        if self.dead_reason is not None or self._thread is None:
+        if self.dead_reason is not None or self._thread is None or self._stop.is_set():
             raise EngineDeadError(self.dead_reason or "engine loop is not running")
         stream = _Stream(asyncio.get_running_loop())
         cmd = _Add(request_id, prompt, params, priority, time.time(), stream, engine_kwargs)
@@ -210,6 +214,8 @@ class AsyncEngine:
 
     async def call(self, fn) -> Any:
         """Run ``fn(engine)`` on the engine thread between steps and return its result."""
+        if self.dead_reason is not None or self._stop.is_set() or self._thread is None:
+            raise EngineDeadError(self.dead_reason or "engine loop is not running")
         cmd = _Call(fn)
         self._commands.put(cmd)
         return await asyncio.wrap_future(cmd.result)
@@ -239,6 +245,7 @@ class AsyncEngine:
         # inference mode is per thread: the engine's tensors are made and updated under it
         with torch.inference_mode():
             self._loop()
+        self._fail_pending(EngineDeadError(self.dead_reason or "the engine loop stopped"))
 
     def _loop(self) -> None:
         try:
@@ -295,6 +302,12 @@ class AsyncEngine:
                 self._pending_adds -= 1
             if not cmd.accepted.set_running_or_notify_cancel():
                 return  # the caller went away before the request was admitted
+            lora = cmd.engine_kwargs.get("lora_request")
+            if lora is not None and lora.lora_name not in {r.lora_name for r in self.engine.list_loras()}:
+                # unloaded between routing and admission: the engine would load it again behind the
+                # server's back (an offline convenience), so refuse instead
+                cmd.accepted.set_exception(AdapterGoneError(f"The model `{lora.lora_name}` does not exist."))
+                return
             try:
                 self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, arrival_time=cmd.arrival_time,
                                         priority=cmd.priority, **cmd.engine_kwargs)

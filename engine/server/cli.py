@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora-modules-file", default=None,
                       help='JSON file {"adapters": [{"name": ..., "path": ...}]}, re-read when it changes')
     lora.add_argument("--allowed-lora-root", default=None, help="adapter paths must be under this directory")
+    lora.add_argument("--lora-unload-timeout", type=float, default=30.0,
+                      help="seconds POST /v1/unload_lora_adapter waits for the adapter's requests to end "
+                           "before refusing with 409")
     s = ap.add_argument_group("server")
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=8000)
@@ -151,6 +154,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise StartupError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise StartupError("--max-queued-requests must be >= 0")
+    if not 0 <= args.lora_unload_timeout < float("inf"):
+        raise StartupError("--lora-unload-timeout must be a finite number >= 0")
     if args.shutdown_timeout < 0:
         raise StartupError("--shutdown-timeout must be >= 0")
     if args.allowed_lora_root is not None and not os.path.isdir(args.allowed_lora_root):
@@ -168,7 +173,7 @@ def _server_config(args: argparse.Namespace, api_keys: list[str]):
         max_body_bytes=args.max_request_body_bytes, max_n=args.max_n,
         engine_stall_timeout=args.engine_stall_timeout, lora_modules=parse_lora_modules(args.lora_modules),
         lora_modules_file=args.lora_modules_file, allowed_lora_root=args.allowed_lora_root,
-        max_loras=args.max_loras if args.enable_lora else 0,
+        max_loras=args.max_loras if args.enable_lora else 0, lora_unload_timeout=args.lora_unload_timeout,
     )
 
 

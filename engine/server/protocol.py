@@ -55,6 +55,9 @@ class _SamplingFields(_Request):
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
     priority: StrictInt = 0
+    # prefix caching: only requests with the same salt share cached KV blocks (vLLM's field; keeps
+    # one tenant from probing another's prompts through time-to-first-token)
+    cache_salt: StrictStr | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -107,6 +110,20 @@ class TokenizeRequest(_Request):
 class DetokenizeRequest(_Request):
     model: StrictStr | None = None
     tokens: list[StrictInt]
+
+
+class LoadLoRAAdapterRequest(_Request):
+    """``POST /v1/load_lora_adapter`` (vLLM's body): serve the PEFT adapter folder ``lora_path`` as
+    model ``lora_name``. A relative path counts from ``--allowed-lora-root``."""
+
+    lora_name: StrictStr
+    lora_path: StrictStr
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    """``POST /v1/unload_lora_adapter`` (vLLM's body; vLLM's optional ``lora_int_id`` is ignored)."""
+
+    lora_name: StrictStr
 
 
 # ---------------------------------------------------------------- responses

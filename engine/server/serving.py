@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pageant.engine import InvalidRequestError, RequestOutput
 from pageant.engine.server import protocol as p
-from pageant.engine.server.async_engine import (AsyncEngine, EngineDeadError, QueueFullError, RequestFailedError,
-                                                RequestHandle)
+from pageant.engine.server.async_engine import (AdapterGoneError, AsyncEngine, EngineDeadError, QueueFullError,
+                                                RequestFailedError, RequestHandle)
 from pageant.engine.server.formatting import (chat_logprobs, completion_logprobs, text_logprobs_for_stream)
 from pageant.engine.server.tokens import ServerTokenizer
 from pageant.engine.server.validation import (APIError, Limits, check_common, check_prompt_ids, resolve_max_tokens,
@@ -142,6 +142,10 @@ class OpenAIServing:
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
                 handles.append(await self.engine.open(rid, {"prompt_token_ids": ids}, params, priority=priority,
                                                       **engine_kwargs))
+        except AdapterGoneError as exc:
+            for h in handles:
+                h.close()
+            raise APIError(404, str(exc), param="model", code="model_not_found") from None
         except InvalidRequestError as exc:
             for h in handles:
                 h.close()
@@ -184,6 +188,8 @@ class OpenAIServing:
     async def completions(self, body: p.CompletionRequest, raw: Request) -> Response:
         model, engine_kwargs = self.resolve_model(body.model)
         check_common(body, self.limits)
+        if body.cache_salt is not None:
+            engine_kwargs["cache_salt"] = body.cache_salt
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         if body.stream and body.best_of is not None and body.best_of > body.n:
@@ -288,6 +294,8 @@ class OpenAIServing:
     async def chat(self, body: p.ChatCompletionRequest, raw: Request) -> Response:
         model, engine_kwargs = self.resolve_model(body.model)
         check_common(body, self.limits)
+        if body.cache_salt is not None:
+            engine_kwargs["cache_salt"] = body.cache_salt
         if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
             raise APIError(400, "max_completion_tokens must be at least 1", param="max_completion_tokens")
         if body.response_format is not None and body.response_format.type != "text":

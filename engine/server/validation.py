@@ -16,6 +16,7 @@ _TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
+    409: "ConflictError",
     413: "RequestTooLargeError",
     422: "BadRequestError",
     429: "RateLimitError",
@@ -42,6 +43,9 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+MAX_CACHE_SALT_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,10 @@ def check_common(req: CompletionRequest | ChatCompletionRequest, limits: Limits)
                        f"({limits.max_model_len})", param="max_tokens", code="context_length_exceeded")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    if req.cache_salt is not None and not req.cache_salt:
+        raise APIError(400, "cache_salt must be a non-empty string if provided", param="cache_salt")
+    if req.cache_salt is not None and len(req.cache_salt) > MAX_CACHE_SALT_CHARS:
+        raise APIError(400, f"cache_salt must be at most {MAX_CACHE_SALT_CHARS} characters", param="cache_salt")
     for token_id in req.stop_token_ids or ():
         if not 0 <= token_id < limits.vocab_size:
             raise APIError(400, f"stop_token_ids: token id {token_id} is out of the vocabulary", param="stop_token_ids")
