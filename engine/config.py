@@ -54,6 +54,11 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     attention_backend: str | None = None
     enable_prefix_caching: bool = False
+    # CUDA graphs for decode-only steps (cuda + triton, LoRA off); True runs every step eagerly
+    enforce_eager: bool = False
+    # "auto": the checkpoint's safetensors; "dummy": random weights built on the device from
+    # config.json (benchmarks of large shapes without weight files)
+    load_format: str = "auto"
     # LoRA (see pageant.engine.adapters): at most max_loras adapters in one batch / on the device,
     # max_cpu_loras (default max_loras) validated adapters cached in host memory
     enable_lora: bool = False
@@ -86,6 +91,8 @@ class EngineConfig:
         cpu = self.max_cpu_loras
         if cpu is not None and (not isinstance(cpu, int) or cpu < self.max_loras):
             raise ValueError(f"max_cpu_loras must be an integer >= max_loras ({self.max_loras}), got {cpu!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.attention_backend not in (None, "torch", "triton"):
             raise ValueError(f"attention_backend must be 'torch' or 'triton', got {self.attention_backend!r}")
 

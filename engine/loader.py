@@ -126,3 +126,34 @@ def _expected_names(model: LlamaForCausalLM) -> set[str]:
         else:
             names.add(name)
     return names
+
+
+@torch.no_grad()
+def build_dummy_model(
+    model_config: ModelConfig,
+    ops: ModuleType,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_position: int,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """``load_format="dummy"``: the model with random weights made directly on ``device`` (no
+    weight files, no host copy): linear and embedding weights ~ N(0, 0.02), norms 1, biases 0."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(model_config, ops, max_position)
+    model = model.to_empty(device=device).to(dtype)
+    if model_config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    from pageant.engine.rope import cos_sin_cache
+
+    model.cos_sin_cache = cos_sin_cache(model_config.rope, model_config.head_dim, max_position).to(device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.zero_()
+        else:  # drawn in float32 and cast, so bf16/fp16 models get the same values on every device kind
+            param.copy_(torch.empty(param.shape, device=device).normal_(0.0, 0.02, generator=generator))
+    return model.eval()

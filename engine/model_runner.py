@@ -18,7 +18,9 @@ import torch
 from pageant.engine.adapters import LoRAManager, wrap_model
 from pageant.engine.attention import AttentionMetadata
 from pageant.engine.config import EngineConfig, ModelConfig
-from pageant.engine.loader import load_model
+from pageant.engine.cuda_graph import DecodeGraphs
+from pageant.engine.loader import build_dummy_model, load_model
+from pageant.engine.memory import MemoryProfile, kv_cache_budget_bytes, num_kv_blocks_for_budget
 from pageant.engine.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,10 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         max_position = max(max_model_len, model_config.max_position_embeddings)
-        self.model = load_model(path, model_config, ops, self.dtype, self.device, max_position)
+        if config.load_format == "dummy":
+            self.model = build_dummy_model(model_config, ops, self.dtype, self.device, max_position, config.seed)
+        else:
+            self.model = load_model(path, model_config, ops, self.dtype, self.device, max_position)
         if lora_manager is not None:
             wrap_model(self.model, lora_manager)
         self.num_kv_blocks = config.num_kv_blocks or self._blocks_from_memory()
@@ -71,6 +76,17 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_kv_blocks, self.block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+        self.graphs: DecodeGraphs | None = None
+        if self.uses_cuda_graphs(ops):
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, self.max_blocks_per_seq,
+                                       max_model_len)
+            self.graphs.capture()
+
+    def uses_cuda_graphs(self, ops: ModuleType) -> bool:
+        """Decode steps replay CUDA graphs on cuda with the Triton kernels, unless ``enforce_eager``
+        or LoRA is on (the torch kernels read device data on the host; LoRA metadata varies)."""
+        return (self.device.type == "cuda" and ops.__name__.endswith("triton_ops")
+                and not self.config.enforce_eager and self.lora_manager is None)
 
     # ------------------------------------------------------------------ sizing
     def bytes_per_block(self) -> int:
@@ -85,7 +101,7 @@ class ModelRunner:
             budget = int(self.config.kv_cache_memory_gib * 2**30)
             return max(1, min(budget // per_block, max_useful))
         budget = self._profile_cuda_budget()
-        num = budget // per_block
+        num = num_kv_blocks_for_budget(budget, per_block)
         if num < 1:
             raise ValueError(
                 f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f} GiB); "
@@ -113,13 +129,17 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self.model(torch.zeros(n, dtype=torch.int64, device=self.device),
                                 torch.arange(n, device=self.device), kv, md)
-            self.model.compute_logits(hidden[: self.config.max_num_seqs])
+            logits = self.model.compute_logits(hidden[: self.config.max_num_seqs])  # [rows, vocab]
+            logits.log_softmax(dim=-1)  # the sampler's largest temporary
         torch.cuda.synchronize(self.device)
-        del kv, hidden
-        activation_peak = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        profile_kv = kv.numel() * kv.element_size()
+        del kv, hidden, logits
         free, total = torch.cuda.mem_get_info(self.device)
-        used = total - free
-        return int(total * self.config.gpu_memory_utilization - used - activation_peak)
+        profile = MemoryProfile(total=total, free=free, torch_reserved=torch.cuda.memory_reserved(self.device),
+                                torch_peak=torch.cuda.max_memory_allocated(self.device), profile_kv=profile_kv)
+        budget = kv_cache_budget_bytes(profile, self.config.gpu_memory_utilization)
+        logger.info("memory profile %s -> KV budget %.2f GiB", profile, budget / 2**30)
+        return budget
 
     # ------------------------------------------------------------------ one step
     def prepare(self, so: SchedulerOutput) -> ModelInput:
@@ -188,7 +208,12 @@ class ModelRunner:
         if self.lora_manager is not None:  # every token's adapter slot, sequences back to back
             self.lora_manager.set_batch([s.seq.request.lora_name for s in so.scheduled],
                                         [s.num_new_tokens for s in so.scheduled])
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.attn_metadata)  # [num_tokens, hidden]
+        md = inp.attn_metadata
+        if (self.graphs is not None and md.num_decode_seqs == md.num_seqs and inp.prompt_logits_indices is None
+                and self.graphs.can_run(md.num_seqs)):
+            padded = self.graphs.run(inp.input_ids, inp.positions, md)  # [padded_size, vocab]
+            return ModelOutput(logits=padded.index_select(0, inp.logits_indices), prompt_logits=None)
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, md)  # [num_tokens, hidden]
         logits = self.model.compute_logits(hidden[inp.logits_indices])  # [num_sample_rows, vocab]
         prompt_logits = None
         if inp.prompt_logits_indices is not None:
