@@ -210,7 +210,7 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
         responses[200] = {"content": {"text/plain": {"schema": {"type": "string"}}}}
         return responses
 
-    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_adapter_responses())
+    @app.post("/v1/load_lora_adapter", responses=_adapter_responses())
     async def load_lora_adapter(body: p.LoadLoRAAdapterRequest):
         """Load a LoRA adapter at run time (vLLM's endpoint; needs --enable-lora). It is then a model
         in the API and in /v1/models. A bad adapter is a 400 and loads nothing."""
@@ -220,7 +220,7 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
             raise APIError(503, f"The engine is not running: {exc}", code="engine_dead") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_adapter_responses())
+    @app.post("/v1/unload_lora_adapter", responses=_adapter_responses())
     async def unload_lora_adapter(body: p.UnloadLoRAAdapterRequest):
         """Unload an adapter loaded over HTTP: unroutable at once; unloaded when its unfinished requests
         end, or 409 (and served again) if they have not ended within --lora-unload-timeout seconds."""

@@ -19,8 +19,11 @@ CHECKS = ",".join([
 
 
 def test_schemathesis_finds_no_server_errors_or_schema_violations(serve, tmp_path):
+    root = tmp_path / "adapters"  # LoRA on, so the runtime adapter endpoints are fuzzed past "not enabled"
+    root.mkdir()
     server = serve("--api-key", API_KEY, "--max-model-len", "128", "--num-kv-blocks", "64", "--disable-log-requests",
-                   "--uvicorn-log-level", "warning")
+                   "--uvicorn-log-level", "warning", "--enable-lora", "--allowed-lora-root", str(root),
+                   "--enable-prefix-caching")
     st = pathlib.Path(sys.executable).with_name("schemathesis")
     cmd = [str(st), "run", f"{server.base_url}/openapi.json", "-H", f"Authorization: Bearer {API_KEY}",
            "--checks", CHECKS, "--max-examples", "10", "--seed", "1", "--no-shrink", "--workers", "1",
