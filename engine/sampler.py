@@ -174,17 +174,19 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generato
     want = [i for i, k in enumerate(batch.num_logprobs) if k is not None]
     ranks: list[int | None] = [None] * len(batch.num_logprobs)
     top: list[tuple[list[int], list[float]] | None] = [None] * len(batch.num_logprobs)
+    token_ids, token_lps = chosen.tolist(), chosen_lp[:, 0].tolist()  # the step's one device -> host sync
     if want:
         rows = torch.tensor(want, device=logits.device)
         sub = logprobs[rows]  # [num_want, vocab]
-        rank = (sub > chosen_lp[rows]).sum(dim=-1) + 1
+        rank = ((sub > chosen_lp[rows]).sum(dim=-1) + 1).tolist()
         kmax = max(batch.num_logprobs[i] for i in want)
         top_lp, top_ids = sub.topk(kmax, dim=-1) if kmax > 0 else (sub[:, :0], sub[:, :0].long())
+        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()  # whole tensors: no per-row transfers
         for j, i in enumerate(want):
             k = batch.num_logprobs[i]
-            ranks[i] = int(rank[j])
-            top[i] = (top_ids[j, :k].tolist(), top_lp[j, :k].tolist())
-    return SamplerOutput(chosen.tolist(), chosen_lp[:, 0].tolist(), ranks, top)
+            ranks[i] = rank[j]
+            top[i] = (top_ids[j][:k], top_lp[j][:k])
+    return SamplerOutput(token_ids, token_lps, ranks, top)
 
 
 def prompt_logprobs(
