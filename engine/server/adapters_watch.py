@@ -270,7 +270,17 @@ class AdapterManager:
                            code="lora_not_enabled")
 
     async def load(self, name: str, path: str) -> LoRARequest:
-        """``POST /v1/load_lora_adapter``: validate and load, or raise ``APIError`` (400) and load nothing."""
+        """``POST /v1/load_lora_adapter``: validate and load, or raise ``APIError`` (400) and load nothing.
+        Shielded: a caller that goes away mid-load cannot leave the engine and this registry apart."""
+        return await asyncio.shield(asyncio.ensure_future(self._load(name, path)))
+
+    async def unload(self, name: str) -> None:
+        """``POST /v1/unload_lora_adapter``: unroutable at once, then unloaded once its requests end
+        (up to ``unload_timeout`` seconds); 409 and routable again if they do not end in time.
+        Shielded like ``load``."""
+        return await asyncio.shield(asyncio.ensure_future(self._unload(name)))
+
+    async def _load(self, name: str, path: str) -> LoRARequest:
         self._require_lora()
         if not name or not path:
             raise APIError(400, "both lora_name and lora_path must be non-empty", code="invalid_lora_adapter",
@@ -299,9 +309,7 @@ class AdapterManager:
         logger.info("loaded LoRA adapter %s from %s (HTTP API)", name, path)
         return req
 
-    async def unload(self, name: str) -> None:
-        """``POST /v1/unload_lora_adapter``: unroutable at once, then unloaded once its requests end
-        (up to ``unload_timeout`` seconds); 409 and routable again if they do not end in time."""
+    async def _unload(self, name: str) -> None:
         self._require_lora()
         if name in self._busy or name in self.removing:
             raise APIError(409, f"The lora adapter '{name}' is already being loaded or unloaded; retry later.",

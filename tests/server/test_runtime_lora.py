@@ -283,3 +283,31 @@ def test_runtime_endpoints_need_enable_lora(tiny_checkpoint, make_server_adapter
         r = client.post("/v1/unload_lora_adapter", json={"lora_name": "a"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "lora_not_enabled"
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [engine.model_name]
+
+
+def test_request_routed_to_an_adapter_unloaded_before_admission_is_refused(tiny_checkpoint, make_server_adapter):
+    """The engine would load an unknown adapter again by itself (an offline convenience); the
+    server's engine thread refuses instead, so an unload can never be undone behind its back."""
+    import asyncio
+
+    from pageant.engine import LLMEngine, LoRARequest, SamplingParams
+    from pageant.engine.server.async_engine import AdapterGoneError, AsyncEngine
+
+    engine = LLMEngine.from_kwargs(model=str(tiny_checkpoint), max_model_len=128, num_kv_blocks=16, enable_lora=True,
+                                   max_loras=1, max_lora_rank=8)
+    lora = LoRARequest("gone", 1, make_server_adapter(26))
+
+    async def scenario():
+        async_engine = AsyncEngine(engine)
+        async_engine.start()
+        try:
+            assert await async_engine.call(lambda e: e.add_lora(lora)) is True
+            assert await async_engine.call(lambda e: e.remove_lora("gone")) is True
+            with pytest.raises(AdapterGoneError):
+                await async_engine.add("r1", {"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=2),
+                                       lora_request=lora)
+            return await async_engine.call(lambda e: e.list_loras())
+        finally:
+            async_engine.stop()
+
+    assert asyncio.run(scenario()) == []
