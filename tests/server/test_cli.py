@@ -43,7 +43,8 @@ def test_help_lists_the_flags(capsys):
     out = capsys.readouterr().out
     for flag in ("--model", "--served-model-name", "--api-key", "--max-queued-requests", "--shutdown-timeout",
                  "--lora-modules-file", "--allowed-lora-root", "--tensor-parallel-size", "--kv-cache-memory-gib",
-                 "--attention-backend", "--enable-prefix-caching", "--max-log-len", "--disable-log-requests"):
+                 "--attention-backend", "--enable-prefix-caching", "--max-log-len", "--disable-log-requests",
+                 "--lora-unload-timeout"):
         assert flag in out
 
 
@@ -69,6 +70,8 @@ def test_hub_id_offline_mode_is_clear(tmp_path):
     (["--max-num-seqs", "0"], "--max-num-seqs must be >= 1"),
     (["--lora-modules", "broken"], "expected NAME=PATH"),
     (["--allowed-lora-root", "/no/such/root"], "no such directory"),
+    (["--lora-unload-timeout", "-1"], "--lora-unload-timeout must be a finite number >= 0"),
+    (["--lora-unload-timeout", "nan"], "--lora-unload-timeout must be a finite number >= 0"),
 ])
 def test_bad_flags_are_clear_startup_errors(capsys, args, message):
     assert _main(*args) == 2
