@@ -11,9 +11,15 @@ every poll). Adapters configured on an engine without LoRA enabled are a clear s
 ``POST /v1/load_lora_adapter`` and ``POST /v1/unload_lora_adapter`` (vLLM's endpoints) load and
 unload adapters at run time (``load`` / ``unload`` below). Every adapter remembers its *origin*
 (``"static"``: --lora-modules, ``"file"``: the watched file, ``"api"``: the HTTP endpoints), so the
-two mechanisms never fight: the file watcher only adds and removes ``static``/``file`` adapters
-(a file entry whose name is taken by an ``api`` adapter is an error until that adapter is
-unloaded), and the HTTP unload only removes ``api`` adapters.
+two mechanisms never fight:
+
+- the file watcher only adds and removes ``static``/``file`` adapters. A file entry whose name an
+  ``api`` adapter holds is adopted when it names the same path (the adapter is then the file's and
+  goes when the file drops it) and is an error otherwise (the HTTP adapter stays; the file's is
+  loaded as soon as the HTTP one is unloaded);
+- the HTTP unload removes ``api`` and ``file`` adapters (the operator unloads at once instead of
+  waiting a minute for kubelet to refresh the mounted file); a ``file`` adapter unloaded over HTTP
+  stays unloaded until the file's content changes. ``static`` adapters are refused (400).
 
 Unload semantics (``unload``): the adapter stops being routable at once (new requests for it get
 404), then the server waits up to ``unload_timeout`` seconds for the adapter's unfinished requests
@@ -33,6 +39,7 @@ import os
 import pathlib
 from dataclasses import dataclass
 
+from pageant.engine.adapters import resolve_adapter_dir
 from pageant.engine.lora import LoRARequest
 from pageant.engine.server.validation import APIError
 
@@ -134,7 +141,9 @@ class AdapterManager:
         self.loaded: dict[str, LoRARequest] = {}  # routable adapters
         self.removing: dict[str, LoRARequest] = {}  # unroutable, still loaded while requests use them
         self.origin: dict[str, str] = {}  # name -> "static" | "file" | "api", for loaded and removing
+        self.paths: dict[str, str] = {}  # name -> lora_path as configured or posted (shown in /v1/models)
         self._busy: set[str] = set()  # names an HTTP load or unload is working on
+        self._suppressed: dict[str, str | None] = {}  # file adapters unloaded over HTTP -> file content then
         self._next_id = 1
         self._fingerprint: tuple | None = None
         self.last_error: str | None = None
@@ -178,13 +187,25 @@ class AdapterManager:
                 engine.add_lora(req)
             except Exception as exc:  # noqa: BLE001 - LoRAAdapterError and friends: one clear line
                 raise AdapterConfigError(f"adapter {spec.name!r}: {exc}") from None
-            self.loaded[spec.name] = req
-            self.origin[spec.name] = self._origin_of(spec)
+            self._register(req, self._origin_of(spec), spec.path)
             logger.info("loaded LoRA adapter %s from %s", spec.name, spec.path)
         self._fingerprint = self._file_fingerprint()
 
     def lora_request(self, name: str) -> LoRARequest | None:
         return self.loaded.get(name)
+
+    def _register(self, req: LoRARequest, origin: str, path: str) -> None:
+        self.loaded[req.lora_name] = req
+        self.origin[req.lora_name] = origin
+        self.paths[req.lora_name] = path
+
+    def _forget(self, name: str) -> None:
+        self.origin.pop(name, None)
+        self.paths.pop(name, None)
+
+    def _content_digest(self) -> str | None:
+        fingerprint = self._file_fingerprint()
+        return None if fingerprint is None else fingerprint[-1]
 
     def _file_fingerprint(self) -> tuple | None:
         if not self.file:
@@ -199,23 +220,30 @@ class AdapterManager:
     # ------------------------------------------------------------------ the watched config
     async def sync(self) -> None:
         """Load new adapters; make removed (or re-pointed) ones unroutable and unload them. Only
-        ``static``/``file`` adapters are touched: those loaded over HTTP are left alone."""
+        ``static``/``file`` adapters are touched: those loaded over HTTP are left alone (or adopted)."""
         want = {s.name: s for s in self.desired()}
         if want and not self.supported:
             raise AdapterConfigError("LoRA adapters are configured but LoRA is not enabled (--enable-lora)")
+        digest = self._content_digest()
+        self._suppressed = {n: d for n, d in self._suppressed.items() if d == digest and n in want}
         for name, req in list(self.loaded.items()):
             if self.origin.get(name) == "api" or name in self._busy:
                 continue
-            if name not in want or want[name].path != req.lora_path:
+            if name not in want or want[name].path != self.paths.get(name):
                 self.removing[name] = self.loaded.pop(name)
         await self._unload_pending()
         errors = []
         for name, spec in want.items():
-            if self.origin.get(name) == "api" or name in self._busy:  # loaded (or being loaded) over HTTP
-                errors.append(f"adapter {name!r}: the name is taken by an adapter loaded over the HTTP API; "
-                              "unload it there first")
+            if name in self._busy:  # the HTTP load or unload in progress looks at the config when it ends
                 continue
-            if name in self.loaded or name in self.removing:
+            if self.origin.get(name) == "api":
+                if self.paths.get(name) == spec.path and name in self.loaded:
+                    self.origin[name] = self._origin_of(spec)  # the same adapter: the config owns it now
+                    continue
+                errors.append(f"adapter {name!r}: the name is taken by an adapter loaded over the HTTP API from "
+                              "another path; unload it there first")
+                continue
+            if name in self.loaded or name in self.removing or name in self._suppressed:
                 continue  # a re-pointed adapter is loaded again once its old version is gone
             req = self._new_request(spec.name, spec.path)
             try:
@@ -223,8 +251,7 @@ class AdapterManager:
             except Exception as exc:  # noqa: BLE001 - one bad adapter must not block the others
                 errors.append(f"adapter {name!r}: {exc}")
                 continue
-            self.loaded[name] = req
-            self.origin[name] = self._origin_of(spec)
+            self._register(req, self._origin_of(spec), spec.path)
             logger.info("loaded LoRA adapter %s from %s", name, spec.path)
         if errors:
             raise AdapterConfigError("; ".join(errors))
@@ -240,7 +267,7 @@ class AdapterManager:
                 logger.info("adapter %s is still in use; unloading it later (%s)", name, exc)
                 continue
             del self.removing[name]
-            self.origin.pop(name, None)
+            self._forget(name)
             logger.info("unloaded LoRA adapter %s", name)
         return bool(self.removing)
 
@@ -280,6 +307,13 @@ class AdapterManager:
         Shielded like ``load``."""
         return await asyncio.shield(asyncio.ensure_future(self._unload(name)))
 
+    def _config_spec(self, name: str) -> AdapterSpec | None:
+        """The watched config's entry for ``name`` (None if none, or if the config is broken now)."""
+        try:
+            return next((spec for spec in self.desired() if spec.name == name), None)
+        except (AdapterConfigError, OSError):
+            return None
+
     async def _load(self, name: str, path: str) -> LoRARequest:
         self._require_lora()
         if not name or not path:
@@ -291,21 +325,23 @@ class AdapterManager:
         if name in self.loaded or name in self.removing or name in self._busy:
             raise APIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name",
                            code="lora_adapter_already_loaded")
-        if self.allowed_root is None and not pathlib.Path(path).expanduser().is_dir():
-            # no Hugging Face Hub downloads on the engine thread: a runtime adapter is a local folder
-            raise APIError(400, f"LoRA adapter folder {path!r} does not exist", param="lora_path",
-                           code="invalid_lora_adapter")
-        req = self._new_request(name, path)
         self._busy.add(name)
         try:
+            engine_path = path
+            if self.allowed_root is None:
+                # any local folder, or a Hub id downloaded here, off the engine thread (the engine then
+                # reads the local copy); with a root the engine resolves the path under it, no downloads
+                folder = await asyncio.to_thread(resolve_adapter_dir, path, None)
+                engine_path = str(folder)
+            req = self._new_request(name, engine_path)
             await self.async_engine.call(lambda e: e.add_lora(req))
         except ValueError as exc:  # LoRAAdapterError: a bad adapter, path or name; nothing was loaded
             raise APIError(400, f"Failed to load LoRA adapter {name!r}: {exc}", param="lora_path",
                            code="invalid_lora_adapter") from None
         finally:
             self._busy.discard(name)
-        self.loaded[name] = req
-        self.origin[name] = "api"
+        spec = self._config_spec(name)
+        self._register(req, self._origin_of(spec) if spec is not None and spec.path == path else "api", path)
         logger.info("loaded LoRA adapter %s from %s (HTTP API)", name, path)
         return req
 
@@ -318,11 +354,10 @@ class AdapterManager:
         if req is None:
             raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name",
                            code="lora_adapter_not_found")
-        if self.origin.get(name) != "api":
-            source = "--lora-modules" if self.origin.get(name) == "static" else "--lora-modules-file"
-            raise APIError(400, f"The lora adapter '{name}' comes from {source}; remove it there instead "
-                           "(only adapters loaded over the HTTP API can be unloaded over it).",
-                           param="lora_name", code="lora_adapter_from_config")
+        origin = self.origin.get(name)
+        if origin == "static":
+            raise APIError(400, f"The lora adapter '{name}' comes from --lora-modules; restart the server "
+                           "without it to unload it.", param="lora_name", code="lora_adapter_from_config")
         order = list(self.loaded)
         self._busy.add(name)
         del self.loaded[name]  # unroutable from now on
@@ -349,6 +384,18 @@ class AdapterManager:
             raise
         finally:
             self._busy.discard(name)
-        self.origin.pop(name, None)
-        self._fingerprint = None  # the file may name this adapter: let the watcher load it now
+        self._forget(name)
         logger.info("unloaded LoRA adapter %s (HTTP API)", name)
+        spec = self._config_spec(name)
+        if spec is None:
+            return
+        if origin == "file":  # the file still lists it (kubelet has not refreshed it yet): wait for a change
+            self._suppressed[name] = self._content_digest()
+            return
+        try:  # the file's adapter of this name was waiting for the HTTP one to go
+            new = self._new_request(name, spec.path)
+            await self.async_engine.call(lambda e: e.add_lora(new))
+            self._register(new, self._origin_of(spec), spec.path)
+            logger.info("loaded LoRA adapter %s from %s", name, spec.path)
+        except Exception as exc:  # noqa: BLE001 - a bad file entry must not fail this unload
+            logger.error("adapters file %s: adapter %r: %s", self.file, name, exc)

@@ -184,8 +184,8 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/v1/models", response_model=p.ModelList, responses=_errors_route_responses())
     async def list_models():
         cards = [p.ModelCard(id=name, root=name, max_model_len=max_model_len) for name in names]
-        cards += [p.ModelCard(id=name, root=req.lora_path, parent=names[0], max_model_len=max_model_len)
-                  for name, req in adapters.loaded.items()]
+        cards += [p.ModelCard(id=name, root=adapters.paths.get(name, req.lora_path), parent=names[0],
+                              max_model_len=max_model_len) for name, req in adapters.loaded.items()]
         return p.ModelList(data=cards)
 
     @app.post("/v1/completions", response_model=p.CompletionResponse, responses=_generation_responses())
@@ -222,8 +222,9 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
 
     @app.post("/v1/unload_lora_adapter", responses=_adapter_responses())
     async def unload_lora_adapter(body: p.UnloadLoRAAdapterRequest):
-        """Unload an adapter loaded over HTTP: unroutable at once; unloaded when its unfinished requests
-        end, or 409 (and served again) if they have not ended within --lora-unload-timeout seconds."""
+        """Unload an adapter (loaded over HTTP or from --lora-modules-file): unroutable at once; unloaded
+        when its unfinished requests end, or 409 (and served again) if they have not ended within
+        --lora-unload-timeout seconds. Adapters from --lora-modules are refused (400)."""
         try:
             await adapters.unload(body.lora_name)
         except EngineDeadError as exc:

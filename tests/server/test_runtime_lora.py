@@ -206,35 +206,56 @@ def test_unload_waits_for_the_adapters_running_stream(setup):
     assert "waiter" not in dict(_models(server))
 
 
+def _write(adapters_file, entries: dict[str, str]) -> None:
+    adapters_file.write_text(json.dumps({"adapters": [{"name": n, "path": p} for n, p in entries.items()]}))
+
+
+def _wait_models(server, want: list[str], timeout: float = 20) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (got := [m for m, _ in _models(server)]) != want and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return got
+
+
 def test_file_watcher_and_http_endpoints_do_not_fight(setup):
     server, _, adapters_file, paths = setup
-    assert _load(server, "api1", paths["one"]).status_code == 200
-    # the file drops `filed` and adds `other`: the HTTP adapter stays
-    adapters_file.write_text(json.dumps({"adapters": [{"name": "other", "path": paths["two"]}]}))
-    deadline = time.monotonic() + 20
-    while [m for m, _ in _models(server)] != ["tiny", "api1", "other"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert [m for m, _ in _models(server)] == ["tiny", "api1", "other"]
-    assert _greedy(server, "api1", 2)
-    # adapters from the file cannot be unloaded over HTTP (the file would bring them back)
-    r = _unload(server, "other")
-    assert r.status_code == 400 and r.json()["error"]["code"] == "lora_adapter_from_config"
-    # a file entry whose name an HTTP adapter holds waits until that adapter is unloaded, then loads
-    adapters_file.write_text(json.dumps({"adapters": [{"name": "other", "path": paths["two"]},
-                                                      {"name": "api1", "path": paths["two"]}]}))
+    one, two = paths["one"], paths["two"]
+    assert _load(server, "api1", one).status_code == 200
+    # the file drops `filed` and adds `other`: the adapter loaded over HTTP stays
+    _write(adapters_file, {"other": two})
+    assert _wait_models(server, ["tiny", "api1", "other"]) == ["tiny", "api1", "other"]
+    one_text = _greedy(server, "api1")
+    # the file names `api1` with another path: an error, and the HTTP adapter stays as it was ...
+    _write(adapters_file, {"other": two, "api1": two})
     deadline = time.monotonic() + 20
     while "taken by an adapter loaded over the HTTP API" not in server.output() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "taken by an adapter loaded over the HTTP API" in server.output()
-    one = _greedy(server, "api1")
+    assert _greedy(server, "api1") == one_text
+    # ... until it is unloaded over HTTP: then the file's `api1` is loaded at once
     assert _unload(server, "api1").status_code == 200
-    deadline = time.monotonic() + 20
-    while "api1" not in dict(_models(server)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "api1" in dict(_models(server))
-    assert _greedy(server, "api1") == _greedy(server, "other") != one  # now the file's adapter (paths["two"])
-    r = _unload(server, "api1")
-    assert r.status_code == 400 and r.json()["error"]["code"] == "lora_adapter_from_config"
+    assert [m for m, _ in _models(server)] == ["tiny", "other", "api1"]
+    two_text = _greedy(server, "other")
+    assert _greedy(server, "api1") == two_text != one_text
+
+    # a file adapter unloaded over HTTP (the operator does not wait for kubelet to refresh the file)
+    # stays unloaded while the file's content is unchanged, even across polls and rewrites
+    assert _unload(server, "other").status_code == 200
+    assert [m for m, _ in _models(server)] == ["tiny", "api1"]
+    _write(adapters_file, {"other": two, "api1": two})  # same content, new mtime: polled again
+    time.sleep(2.5)  # more than one poll (2 s)
+    assert [m for m, _ in _models(server)] == ["tiny", "api1"]
+    _write(adapters_file, {"api1": two})  # the refreshed file no longer lists it
+    _write(adapters_file, {"api1": two, "other": two})  # other bytes than when it was unloaded: loaded again
+    assert _wait_models(server, ["tiny", "api1", "other"]) == ["tiny", "api1", "other"]
+
+    # an HTTP adapter that the file then lists with the same path is adopted: the file owns it
+    assert _load(server, "adopted", one).status_code == 200
+    _write(adapters_file, {"api1": two, "other": two, "adopted": one})
+    time.sleep(2.5)
+    assert _greedy(server, "adopted") == one_text
+    _write(adapters_file, {"api1": two, "other": two})
+    assert _wait_models(server, ["tiny", "api1", "other"]) == ["tiny", "api1", "other"]
 
 
 def test_unload_refused_with_409_while_a_long_stream_runs(serve, make_server_adapter, tmp_path_factory):
@@ -311,3 +332,24 @@ def test_request_routed_to_an_adapter_unloaded_before_admission_is_refused(tiny_
             async_engine.stop()
 
     assert asyncio.run(scenario()) == []
+
+
+def test_without_allowed_root_any_local_folder_loads(tiny_checkpoint, make_server_adapter, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from pageant.engine import LLMEngine
+    from pageant.engine.server.app import ServerConfig, build_app
+
+    engine = LLMEngine.from_kwargs(model=str(tiny_checkpoint), max_model_len=128, num_kv_blocks=16, enable_lora=True,
+                                   max_loras=1, max_lora_rank=8)
+    with TestClient(build_app(engine, ServerConfig(log_requests=False, max_loras=1))) as client:
+        path = make_server_adapter(27)
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "local", "lora_path": path})
+        assert r.status_code == 200, r.text
+        assert client.get("/v1/models").json()["data"][1] == {**client.get("/v1/models").json()["data"][1],
+                                                               "id": "local", "root": path}
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "missing", "lora_path": str(tmp_path / "nope")})
+        assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"]
+        assert client.post("/v1/completions", json={"model": "local", "prompt": "x", "max_tokens": 2}).status_code == 200
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "local"}).status_code == 200
+        assert len(client.get("/v1/models").json()["data"]) == 1
