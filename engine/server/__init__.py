@@ -11,5 +11,6 @@ Modules, one job each: ``cli`` (flags, model resolution, uvicorn with draining o
 (the app factory ``build_app(engine, ServerConfig)``), ``serving`` (completions and chat handlers),
 ``async_engine`` (the thread that owns the ``LLMEngine``), ``protocol`` (request/response models),
 ``validation`` (checks and ``APIError``), ``tokens`` (the server's tokenizer copy), ``formatting``
-(logprobs), ``metrics``, ``middleware`` (API keys, body size), ``adapters_watch`` (live LoRA adapters).
+(logprobs), ``metrics``, ``middleware`` (API keys, body size), ``adapters_config`` (the configured
+adapter lists), ``adapters_watch`` (live LoRA adapters: the watched file and the HTTP endpoints).
 """

@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pageant import __version__
 from pageant.engine.server import protocol as p
-from pageant.engine.server.adapters_watch import AdapterManager, AdapterSpec
+from pageant.engine.server.adapters_config import AdapterSpec
+from pageant.engine.server.adapters_watch import AdapterManager
 from pageant.engine.server.async_engine import AsyncEngine, EngineDeadError
 from pageant.engine.server.metrics import CONTENT_TYPE, ServerMetrics
 from pageant.engine.server.middleware import GuardMiddleware

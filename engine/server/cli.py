@@ -163,7 +163,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _server_config(args: argparse.Namespace, api_keys: list[str]):
-    from pageant.engine.server.adapters_watch import parse_lora_modules
+    from pageant.engine.server.adapters_config import parse_lora_modules
     from pageant.engine.server.app import ServerConfig
 
     return ServerConfig(
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_args(args)
         config = _server_config(args, api_keys)
-        from pageant.engine.server.adapters_watch import validate_specs, read_adapters_file, engine_supports_lora
+        from pageant.engine.server.adapters_config import validate_specs, read_adapters_file, engine_supports_lora
 
         if args.lora_modules_file:  # a bad file is a startup error; later bad edits are only logged
             read_adapters_file(args.lora_modules_file)
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    from pageant.engine.server.adapters_watch import AdapterConfigError
+    from pageant.engine.server.adapters_config import AdapterConfigError
     from pageant.engine.server.app import build_app
 
     app = build_app(engine, config)
