@@ -198,8 +198,10 @@ class LLMEngine:
         rows = [seq for seq, _ in so.sample_rows]
         try:
             inp = self.runner.prepare(so)
+            # host -> device copies of the sampling inputs before the forward is queued, so they do
+            # not wait for it; the only sync of the step is the sampler reading the tokens back
+            batch = SamplingBatch.build(rows, self.vocab_size, self.runner.device)
             out = self.runner.execute(so, inp)
-            batch = SamplingBatch.build(rows, out.logits.shape[-1], self.runner.device)
             sampled = sample(out.logits, batch, self.generator)
         except Exception as exc:
             self.block_manager.uncache(so.cached_blocks)  # their KV may never have been written
