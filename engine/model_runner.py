@@ -3,6 +3,9 @@
 Input tensors are built with a handful of numpy operations per step (no per-token Python), then
 moved to the device once. Logits are computed only where they are needed: the last query token
 of each sequence that samples, and prompt positions of requests asking for prompt logprobs.
+
+On CUDA the KV pool is sized by a profiling forward (``engine/memory.py`` does the arithmetic) and
+decode-only steps replay CUDA graphs (``engine/cuda_graph.py``) unless ``enforce_eager``.
 """
 
 from __future__ import annotations
