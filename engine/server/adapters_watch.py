@@ -117,6 +117,14 @@ class AdapterManager:
     def lora_request(self, name: str) -> LoRARequest | None:
         return self.loaded.get(name)
 
+    async def _engine_request(self, name: str, path: str) -> LoRARequest:
+        """The request the engine loads. Without --allowed-lora-root a path may be a Hugging Face Hub
+        id: it is downloaded here, off the engine thread, and the engine reads the local copy (with a
+        root the engine resolves the path under it and never downloads)."""
+        if self.allowed_root is None:
+            path = str(await asyncio.to_thread(resolve_adapter_dir, path, None))
+        return self._new_request(name, path)
+
     def _register(self, req: LoRARequest, origin: str, path: str) -> None:
         self.loaded[req.lora_name] = req
         self.origin[req.lora_name] = origin
@@ -168,8 +176,8 @@ class AdapterManager:
                 continue
             if name in self.loaded or name in self.removing or name in self._suppressed:
                 continue  # a re-pointed adapter is loaded again once its old version is gone
-            req = self._new_request(spec.name, spec.path)
             try:
+                req = await self._engine_request(spec.name, spec.path)
                 await self.async_engine.call(lambda e, r=req: e.add_lora(r))
             except Exception as exc:  # noqa: BLE001 - one bad adapter must not block the others
                 errors.append(f"adapter {name!r}: {exc}")
@@ -250,13 +258,7 @@ class AdapterManager:
                            code="lora_adapter_already_loaded")
         self._busy.add(name)
         try:
-            engine_path = path
-            if self.allowed_root is None:
-                # any local folder, or a Hub id downloaded here, off the engine thread (the engine then
-                # reads the local copy); with a root the engine resolves the path under it, no downloads
-                folder = await asyncio.to_thread(resolve_adapter_dir, path, None)
-                engine_path = str(folder)
-            req = self._new_request(name, engine_path)
+            req = await self._engine_request(name, path)
             await self.async_engine.call(lambda e: e.add_lora(req))
         except ValueError as exc:  # LoRAAdapterError: a bad adapter, path or name; nothing was loaded
             raise APIError(400, f"Failed to load LoRA adapter {name!r}: {exc}", param="lora_path",
@@ -316,7 +318,7 @@ class AdapterManager:
             self._suppressed[name] = self._content_digest()
             return
         try:  # the file's adapter of this name was waiting for the HTTP one to go
-            new = self._new_request(name, spec.path)
+            new = await self._engine_request(name, spec.path)
             await self.async_engine.call(lambda e: e.add_lora(new))
             self._register(new, self._origin_of(spec), spec.path)
             logger.info("loaded LoRA adapter %s from %s", name, spec.path)
