@@ -334,7 +334,7 @@ def test_request_routed_to_an_adapter_unloaded_before_admission_is_refused(tiny_
     assert asyncio.run(scenario()) == []
 
 
-def test_without_allowed_root_any_local_folder_loads(tiny_checkpoint, make_server_adapter, tmp_path):
+def test_without_allowed_root_any_local_folder_loads_with_the_api_key(tiny_checkpoint, make_server_adapter, tmp_path):
     from fastapi.testclient import TestClient
 
     from pageant.engine import LLMEngine
@@ -342,9 +342,13 @@ def test_without_allowed_root_any_local_folder_loads(tiny_checkpoint, make_serve
 
     engine = LLMEngine.from_kwargs(model=str(tiny_checkpoint), max_model_len=128, num_kv_blocks=16, enable_lora=True,
                                    max_loras=1, max_lora_rank=8)
-    with TestClient(build_app(engine, ServerConfig(log_requests=False, max_loras=1))) as client:
+    config = ServerConfig(log_requests=False, max_loras=1, api_keys=["k"])
+    with TestClient(build_app(engine, config), headers={"Authorization": "Bearer k"}) as client:
         path = make_server_adapter(27)
-        r = client.post("/v1/load_lora_adapter", json={"lora_name": "local", "lora_path": path})
+        body = {"lora_name": "local", "lora_path": path}
+        for route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):  # the API key guards them too
+            assert client.post(route, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        r = client.post("/v1/load_lora_adapter", json=body)
         assert r.status_code == 200, r.text
         assert client.get("/v1/models").json()["data"][1] == {**client.get("/v1/models").json()["data"][1],
                                                                "id": "local", "root": path}
