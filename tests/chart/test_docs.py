@@ -1,4 +1,4 @@
-"""The InferenceService examples in the chart's README and NOTES.txt are valid: they pass the CRD's
+"""The InferenceService examples in the README and NOTES.txt are valid: they pass the CRD's
 schema and the operator's own spec parser (which also checks the CEL rules)."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _merge(base: dict, extra: dict) -> dict:
 def _readme_examples() -> list[tuple[str, dict]]:
     """Every YAML block of the README that is an InferenceService or a `spec:` fragment of one."""
     out = []
-    for i, block in enumerate(re.findall(r"```yaml\n(.*?)```", (CHART / "README.md").read_text(), re.S)):
+    for i, block in enumerate(re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)):
         doc = yaml.safe_load(block)
         if doc.get("kind") == "InferenceService":
             out.append((f"README block {i}", doc))

@@ -198,7 +198,7 @@ def test_keda_query_equals_the_engine_sample(live):
 def test_prometheus_adapter_rule_serves_the_hpa_metric(live, obs, stack):
     """The README's prometheus-adapter rule, evaluated the way the adapter does, gives the HPA the
     per-pod metric the operator names, with the engine's value."""
-    readme = (obs.CHART / "README.md").read_text()
+    readme = (obs.ROOT / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "seriesQuery" in b]
     (rule,) = yaml.safe_load(block)["rules"]["custom"]
     prom, at = live["prom"], live["at"]
