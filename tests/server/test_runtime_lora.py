@@ -176,7 +176,7 @@ def test_unload_waits_for_the_adapters_running_stream(setup):
     chunks: list = []
 
     def consume():
-        stream = _client(server).completions.create(model="waiter", prompt=PROMPT, max_tokens=48, temperature=0,
+        stream = _client(server).completions.create(model="waiter", prompt=PROMPT, max_tokens=96, temperature=0,
                                                     stream=True, stream_options={"include_usage": True},
                                                     extra_body={"ignore_eos": True})
         for chunk in stream:
@@ -202,7 +202,7 @@ def test_unload_waits_for_the_adapters_running_stream(setup):
     assert during.status_code == 404  # unroutable from the moment the unload began
     assert unloaded[0].status_code == 200, unloaded[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"  # not cut off
-    assert chunks[-1].usage.completion_tokens == 48
+    assert chunks[-1].usage.completion_tokens == 96
     assert "waiter" not in dict(_models(server))
 
 
