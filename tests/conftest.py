@@ -51,6 +51,34 @@ def tiny_checkpoint(make_checkpoint) -> str:
     return make_checkpoint("llama")
 
 
+def _hf_greedy(path: str, prompts: list[list[int]], max_new: int, adapter: str | None = None) -> list[list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, eos_token_id=None, pad_token_id=0,
+            )
+            outs.append(out[0, len(ids):].tolist())
+    return outs
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """``hf_greedy(path, prompts, max_new, adapter=None) -> [[token ids]]``: exactly ``max_new`` greedy
+    tokens per prompt (token ids) from Hugging Face transformers (float32, CPU, no EOS stop), with the
+    PEFT ``adapter`` merged into the weights when given: the reference the engine must equal."""
+    return _hf_greedy
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,22 +14,6 @@ ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 MAX_NEW = 12
 
 
-def hf_greedy(path: str, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    outs = []
-    with torch.no_grad():
-        for ids in prompts:
-            out = model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new,
-                eos_token_id=None, pad_token_id=0,
-            )
-            outs.append(out[0, len(ids):].tolist())
-    return outs
-
-
 def mixed_prompts(n: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[1] + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 70))] for _ in range(n)]
@@ -47,7 +31,7 @@ def prompts32():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_matches_transformers(make_checkpoint, arch, prompts32):
+def test_matches_transformers(make_checkpoint, hf_greedy, arch, prompts32):
     path = make_checkpoint(arch)
     expected = hf_greedy(path, prompts32, MAX_NEW)
     sp = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
@@ -75,7 +59,7 @@ def test_matches_transformers(make_checkpoint, arch, prompts32):
     assert_all_blocks_free(chunked)
 
 
-def test_sharded_checkpoint_loads(make_checkpoint, prompts32):
+def test_sharded_checkpoint_loads(make_checkpoint, hf_greedy, prompts32):
     path = make_checkpoint("qwen2", num_shards=3)
     expected = hf_greedy(path, prompts32[:4], MAX_NEW)
     llm = LLM(model=path)

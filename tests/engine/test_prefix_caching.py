@@ -7,31 +7,11 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from pageant.engine import LLM, EngineStepError, InvalidRequestError, LoRARequest, SamplingParams
 
 MAX_NEW = 8
 SP = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
-
-
-def hf_greedy(path: str, prompts: list[list[int]], max_new: int = MAX_NEW, adapter: str | None = None) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    outs = []
-    with torch.no_grad():
-        for ids in prompts:
-            out = model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                do_sample=False, max_new_tokens=max_new, min_new_tokens=max_new, eos_token_id=None, pad_token_id=0,
-            )
-            outs.append(out[0, len(ids):].tolist())
-    return outs
 
 
 def shared_prefix_prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -60,9 +40,9 @@ def assert_all_free(llm: LLM) -> None:
 
 
 @pytest.fixture(scope="module")
-def case(tiny_checkpoint):
+def case(tiny_checkpoint, hf_greedy):
     prompts = shared_prefix_prompts(14)
-    return tiny_checkpoint, prompts, hf_greedy(tiny_checkpoint, prompts)
+    return tiny_checkpoint, prompts, hf_greedy(tiny_checkpoint, prompts, MAX_NEW)
 
 
 def test_outputs_equal_hf_with_caching(case):
@@ -94,12 +74,12 @@ def test_preemption_and_chunked_prefill_with_caching_equal_hf(case):
     assert_all_free(chunked)
 
 
-def test_exact_hits_on_three_shared_blocks(tiny_checkpoint):
+def test_exact_hits_on_three_shared_blocks(tiny_checkpoint, hf_greedy):
     rng = random.Random(5)
     shared = [1] + [rng.randrange(3, 500) for _ in range(47)]  # 3 full blocks of 16
     a = shared + [rng.randrange(3, 500) for _ in range(12)]
     b = shared + [rng.randrange(3, 500) for _ in range(10)]
-    expected = hf_greedy(tiny_checkpoint, [a, b])
+    expected = hf_greedy(tiny_checkpoint, [a, b], MAX_NEW)
     for together in (False, True):  # one after the other, or admitted in the same step
         llm = LLM(model=tiny_checkpoint, enable_prefix_caching=True, block_size=16)
         if together:
@@ -200,12 +180,12 @@ def test_failed_step_does_not_leave_unwritten_blocks_in_the_cache(case, monkeypa
     assert llm.stats()["prefix_cache_hits"] == 0
 
 
-def test_adapters_never_share_cached_blocks(tiny_checkpoint, tmp_path):
+def test_adapters_never_share_cached_blocks(tiny_checkpoint, hf_greedy, tmp_path):
     from pageant.engine.adapters.testing import build_lora_adapter
 
     prompt = [1] + list(range(20, 50))
     path_a = str(build_lora_adapter(tiny_checkpoint, tmp_path / "a", r=4, seed=1))
-    want_base, want_a = hf_greedy(tiny_checkpoint, [prompt]), hf_greedy(tiny_checkpoint, [prompt], adapter=path_a)
+    want_base, want_a = hf_greedy(tiny_checkpoint, [prompt], MAX_NEW), hf_greedy(tiny_checkpoint, [prompt], MAX_NEW, adapter=path_a)
     llm = LLM(model=tiny_checkpoint, enable_prefix_caching=True, block_size=4, enable_lora=True, max_lora_rank=8)
     req_a = LoRARequest("a", 1, path_a)
     assert tokens(llm.generate(ids([prompt]), SP, use_tqdm=False)) == want_base
@@ -216,7 +196,7 @@ def test_adapters_never_share_cached_blocks(tiny_checkpoint, tmp_path):
     # the same name, id and path with new weights: the old entries are not served
     assert llm.engine.remove_lora("a")
     build_lora_adapter(tiny_checkpoint, tmp_path / "a", r=4, seed=2)
-    want_a2 = hf_greedy(tiny_checkpoint, [prompt], adapter=path_a)
+    want_a2 = hf_greedy(tiny_checkpoint, [prompt], MAX_NEW, adapter=path_a)
     assert want_a2 != want_a
     assert tokens(llm.generate(ids([prompt]), SP, lora_request=req_a, use_tqdm=False)) == want_a2
     assert llm.stats()["prefix_cache_hits"] == 28

@@ -16,33 +16,13 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 SP = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
 
 
-def hf_greedy(base: str, adapter: str | None, prompts: list[list[int]]) -> list[list[int]]:
-    """Greedy continuations from transformers, with ``adapter`` merged into the weights by PEFT."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    outs = []
-    with torch.no_grad():
-        for ids in prompts:
-            out = model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                do_sample=False, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, eos_token_id=None, pad_token_id=0,
-            )
-            outs.append(out[0, len(ids):].tolist())
-    return outs
-
-
 def prompts(n: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[1] + [rng.randrange(3, 500) for _ in range(rng.randrange(2, 40))] for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
-def setup(make_checkpoint, make_adapter):
+def setup(make_checkpoint, make_adapter, hf_greedy):
     """A llama base, three adapters (different ranks, targets, scalings) and HF's expected outputs."""
     base = make_checkpoint("llama")
     adapters = {
@@ -51,8 +31,8 @@ def setup(make_checkpoint, make_adapter):
         "rs": make_adapter(base, r=2, alpha=4, targets=("k_proj", "o_proj", "up_proj"), seed=13, use_rslora=True),
     }
     ps = prompts(8, 0)
-    expected = {None: hf_greedy(base, None, ps)}
-    expected.update({name: hf_greedy(base, path, ps) for name, path in adapters.items()})
+    expected = {None: hf_greedy(base, ps, MAX_NEW, None)}
+    expected.update({name: hf_greedy(base, ps, MAX_NEW, path) for name, path in adapters.items()})
     for name in adapters:  # every adapter changes the greedy outputs
         assert expected[name] != expected[None]
     requests = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters.items())}
@@ -95,12 +75,12 @@ def test_more_adapters_than_slots_swap_lru(setup):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_other_architectures(make_checkpoint, make_adapter, arch):
+def test_other_architectures(make_checkpoint, make_adapter, hf_greedy, arch):
     """qkv bias + tied embeddings (qwen2), q/k norm and head_dim != hidden/heads (qwen3)."""
     base = make_checkpoint(arch)
     path = make_adapter(base, r=4, alpha=8, targets=ALL, seed=21)
     ps = prompts(3, 1)
-    want_lora, want_base = hf_greedy(base, path, ps), hf_greedy(base, None, ps)
+    want_lora, want_base = hf_greedy(base, ps, MAX_NEW, path), hf_greedy(base, ps, MAX_NEW, None)
     llm = LLM(model=base, enable_lora=True, max_loras=1, max_lora_rank=4)
     req = LoRARequest("a", 1, path)
     outs = llm.generate([{"prompt_token_ids": p} for p in ps * 2], SP, lora_request=[req] * 3 + [None] * 3,
