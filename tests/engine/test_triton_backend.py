@@ -5,11 +5,6 @@ Runs in a subprocess because ``TRITON_INTERPRET`` must be set before triton is i
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("triton")
@@ -29,11 +24,7 @@ print(json.dumps(result))
 """
 
 
-def test_triton_backend_matches_torch_backend(make_checkpoint):
-    path = make_checkpoint("qwen3")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, path], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_triton_backend_matches_torch_backend(make_checkpoint, run_interpreted):
+    result = run_interpreted(SCRIPT, make_checkpoint("qwen3"))
     assert result["triton"] == result["torch"]
     assert all(len(t) == 3 for t in result["torch"])
