@@ -26,10 +26,7 @@ math is the PyTorch reference; on CUDA the Triton kernels.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import pathlib
-import platform
 import tempfile
 import time
 
@@ -91,17 +88,13 @@ def main(argv=None) -> int:
 
     from pageant.engine import LLM, LoRARequest, SamplingParams
     from pageant.engine.adapters.testing import build_lora_adapter
-    from pageant.engine.testing import build_checkpoint
+    from pageant.engine.bench.scripts import is_cuda, result_header, save_result, setup_device, small_llama
 
-    cpu_only = not args.device.startswith("cuda")
-    if cpu_only:
-        torch.set_num_threads(args.threads)
-    heads = max(4, args.hidden // 64)
+    cpu_only = not is_cuda(args.device)
+    setup_device(args.device, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
-        base = str(build_checkpoint(tmp / "base", hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                                    num_hidden_layers=args.layers, num_attention_heads=heads,
-                                    num_key_value_heads=heads // 2))
+        base = small_llama(tmp / "base", args.hidden, args.layers)
         ranks = [args.rank, args.rank, max(1, args.rank // 2), max(1, args.rank // 4)]
         adapters = [LoRARequest(f"lora{i}", i + 1, str(build_lora_adapter(
                         base, tmp / f"lora{i}", r=r, lora_alpha=2 * r, seed=i, std=0.05)))
@@ -146,25 +139,14 @@ def main(argv=None) -> int:
             print(f"{name:>22}: {runs[name]['tokens_per_s']:8.1f} output tokens/s (best of {args.repeats})")
         del engines
     base_tps = runs["base"]["tokens_per_s"]
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    result = {
-        "benchmark": "lora",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "torch": torch.__version__,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"adapter_ranks": ranks},
-        "timing": "cpu" if cpu_only else "wall",
-        "runs": runs,
-        "ratio_to_base": {n: r["tokens_per_s"] / base_tps for n, r in runs.items()},
-    }
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"lora-{'cuda' if args.device.startswith('cuda') else 'cpu'}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / f"{stem}.png")
+    result = result_header("lora", args)
+    result["settings"]["adapter_ranks"] = ranks
+    result["runs"] = runs
+    result["ratio_to_base"] = {n: r["tokens_per_s"] / base_tps for n, r in runs.items()}
+    path = save_result(result, args.out, "lora", args.device, lambda png: plot(result, png))
     for n, r in result["ratio_to_base"].items():
         print(f"{n:>22}: {r:.3f} x base")
-    print(f"wrote {out / stem}.json and .png")
+    print(f"wrote {path} and .png")
     return 0
 
 

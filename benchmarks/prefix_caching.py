@@ -24,10 +24,7 @@ Writes ``benchmarks/results/prefix-caching-<device>-<utc time>.json`` and a PNG 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import pathlib
-import platform
 import statistics
 import tempfile
 import time
@@ -158,22 +155,16 @@ def plot(result: dict, burst_ttfts: dict, path: pathlib.Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
     from tqdm.auto import tqdm
 
     from pageant.engine.bench.datasets import parse_range, prefix_requests
-    from pageant.engine.testing import build_checkpoint
+    from pageant.engine.bench.scripts import is_cuda, result_header, save_result, setup_device, small_llama
     from pageant.engine.tokenizer import Tokenizer
 
-    cpu_only = not args.device.startswith("cuda")
-    if cpu_only:
-        torch.set_num_threads(args.threads)
-    heads = max(4, args.hidden // 64)
+    cpu_only = not is_cuda(args.device)
+    setup_device(args.device, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model = str(build_checkpoint(pathlib.Path(tmp) / "base", hidden_size=args.hidden,
-                                     intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
-                                     num_attention_heads=heads, num_key_value_heads=heads // 2,
-                                     max_position_embeddings=1024))
+        model = small_llama(pathlib.Path(tmp) / "base", args.hidden, args.layers, max_position_embeddings=1024)
         tokenizer = Tokenizer(model)
         requests = prefix_requests(args.num_prompts, args.prefix_len, args.num_prefixes, parse_range(args.suffix_len),
                                    parse_range(args.output_len), seed=0, tokenizer=tokenizer)
@@ -204,36 +195,24 @@ def main(argv=None) -> int:
             "hit_rate": best["hits"] / best["queries"] if best["queries"] else 0.0,
         }
     a, b = runs["caching off"], runs["caching on"]
-    device = (torch.cuda.get_device_name() if not cpu_only
-              else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    result = {
-        "benchmark": "prefix_caching",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "torch": torch.__version__,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "timing": "cpu" if cpu_only else "wall",
-        "runs": runs,
-        "ratio_on_to_off": {
-            "total_tokens_per_s": b["total_tokens_per_s"] / a["total_tokens_per_s"],
-            "output_tokens_per_s": b["output_tokens_per_s"] / a["output_tokens_per_s"],
-            "burst_ttft_mean": b["burst_ttft_ms"]["mean"] / a["burst_ttft_ms"]["mean"],
-            "sequential_ttft_p50": b["sequential_ttft_ms"]["p50"] / a["sequential_ttft_ms"]["p50"],
-        },
-        "outputs_identical": True,
+    result = result_header("prefix_caching", args)
+    result["runs"] = runs
+    result["ratio_on_to_off"] = {
+        "total_tokens_per_s": b["total_tokens_per_s"] / a["total_tokens_per_s"],
+        "output_tokens_per_s": b["output_tokens_per_s"] / a["output_tokens_per_s"],
+        "burst_ttft_mean": b["burst_ttft_ms"]["mean"] / a["burst_ttft_ms"]["mean"],
+        "sequential_ttft_p50": b["sequential_ttft_ms"]["p50"] / a["sequential_ttft_ms"]["p50"],
     }
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"prefix-caching-{'cpu' if cpu_only else 'cuda'}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    plot(result, {n: [t for r in rs for t in r["ttft_s"]] for n, rs in bursts.items()}, out / f"{stem}.png")
+    result["outputs_identical"] = True
+    burst_ttfts = {n: [t for r in rs for t in r["ttft_s"]] for n, rs in bursts.items()}
+    path = save_result(result, args.out, "prefix-caching", args.device, lambda png: plot(result, burst_ttfts, png))
     for name, r in runs.items():
         print(f"{name:>12}: {r['total_tokens_per_s']:8.1f} tokens/s, {r['output_tokens_per_s']:7.1f} output tokens/s, "
               f"burst TTFT mean {r['burst_ttft_ms']['mean']:7.1f} ms, sequential TTFT p50 "
               f"{r['sequential_ttft_ms']['p50']:6.1f} ms, hit rate {r['hit_rate']:.2f}")
     for k, v in result["ratio_on_to_off"].items():
         print(f"on/off {k}: {v:.3f}")
-    print(f"wrote {out / stem}.json and .png")
+    print(f"wrote {path} and .png")
     return 0
 
 

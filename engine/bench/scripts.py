@@ -1,0 +1,73 @@
+"""What the standalone benchmark scripts in ``benchmarks/`` share: the small random Llama they
+build, the CPU/GPU setup, the header of their result, and saving it as JSON with a PNG beside it.
+
+The scripts run as ``python benchmarks/X.py`` and import this module from the installed package.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import pathlib
+import platform
+from typing import Any, Callable
+
+
+def small_llama(path: pathlib.Path, hidden: int, layers: int, **overrides: Any) -> str:
+    """A random Llama checkpoint at ``path``: ``hidden`` wide (MLP 11/4 of it, heads of 64 but at
+    least 4, half as many KV heads), ``layers`` deep; ``overrides`` go to the config."""
+    from pageant.engine.testing import build_checkpoint
+
+    heads = max(4, hidden // 64)
+    return str(build_checkpoint(path, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+                                num_attention_heads=heads, num_key_value_heads=heads // 2, **overrides))
+
+
+def is_cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def setup_device(device: str, threads: int) -> None:
+    """On the CPU, torch runs ``threads`` intra-op threads (the scripts time CPU runs in CPU
+    seconds of this process, so other processes on a shared machine skew them less)."""
+    import torch
+
+    if not is_cuda(device):
+        torch.set_num_threads(threads)
+
+
+def device_label(device: str) -> str:
+    """The GPU's name, or ``cpu (<processor>, <n> threads)``."""
+    import torch
+
+    if is_cuda(device):
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def result_header(benchmark: str, args: Any) -> dict[str, Any]:
+    """The fields every script's result starts with; ``settings`` are the arguments but ``--out``,
+    ``timing`` says whether throughputs are per CPU-second (``cpu``) or per second (``wall``)."""
+    import torch
+
+    return {
+        "benchmark": benchmark,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_label(args.device),
+        "torch": torch.__version__,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "timing": "wall" if is_cuda(args.device) else "cpu",
+    }
+
+
+def save_result(result: dict[str, Any], out_dir: str | pathlib.Path, prefix: str, device: str,
+                plot: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """Write ``<out_dir>/<prefix>-<cpu|cuda>-<UTC time>.json`` and ``plot(<same>.png)``; returns
+    the JSON's path."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{prefix}-{'cuda' if is_cuda(device) else 'cpu'}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=1))
+    plot(path.with_suffix(".png"))
+    return path
