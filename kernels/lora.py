@@ -17,7 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from pageant.kernels.lora_reference import LoRAKernelMeta, _meta
+from pageant.kernels.lora_reference import (
+    LoRAKernelMeta,
+    _check_expand_shapes,
+    _check_shrink_shapes,
+    _meta,
+    expand_sliced,
+    shrink_sliced,
+)
 
 __all__ = ["LoRAKernelMeta", "lora_shrink", "lora_expand", "lora_shrink_sliced", "lora_expand_sliced"]
 
@@ -170,8 +177,7 @@ def lora_shrink(
 ) -> torch.Tensor:  # [num_tokens, rank] float32; rows of base-model tokens are zero
     """``out[t] = scale * x[t] @ lora_a_stacked[slot[t]].T`` for tokens with an adapter."""
     max_loras, rank, in_features = lora_a_stacked.shape
-    if x.dim() != 2 or x.shape[1] != in_features:
-        raise ValueError(f"x must be [num_tokens, {in_features}], got {list(x.shape)}")
+    _check_shrink_shapes(x, lora_a_stacked)
     _check(x, lora_a_stacked, token_lora_indices)
     meta = _meta(meta, token_lora_indices, max_loras)
     num_tokens = x.shape[0]
@@ -204,13 +210,7 @@ def lora_expand(
 ) -> torch.Tensor:  # out
     """``out[t, offset:offset+out_features] (+)= y[t] @ lora_b_stacked[slot[t]].T``."""
     max_loras, out_features, rank = lora_b_stacked.shape
-    if y.dim() != 2 or y.shape[1] != rank:
-        raise ValueError(f"y must be [num_tokens, {rank}], got {list(y.shape)}")
-    if out.shape[0] != y.shape[0] or out.shape[1] < offset + out_features:
-        raise ValueError(
-            f"out {list(out.shape)} cannot hold {out_features} columns at offset {offset} "
-            f"for {y.shape[0]} tokens"
-        )
+    _check_expand_shapes(y, lora_b_stacked, out, offset)
     _check(y, lora_b_stacked, token_lora_indices, out)
     meta = _meta(meta, token_lora_indices, max_loras)
     num_tokens = y.shape[0]
@@ -238,11 +238,7 @@ def lora_shrink_sliced(
     meta: LoRAKernelMeta | None = None,
 ) -> torch.Tensor:  # [num_slices, num_tokens, rank] float32
     """One shrink per slice of a fused projection (e.g. q, k, v of a fused qkv)."""
-    if meta is None and lora_a_stacked:
-        meta = LoRAKernelMeta.build(token_lora_indices, lora_a_stacked[0].shape[0])
-    return torch.stack(
-        [lora_shrink(x, a, token_lora_indices, scale, meta=meta) for a in lora_a_stacked]
-    )
+    return shrink_sliced(lora_shrink, x, lora_a_stacked, token_lora_indices, scale, meta)
 
 
 def lora_expand_sliced(
@@ -255,10 +251,4 @@ def lora_expand_sliced(
     meta: LoRAKernelMeta | None = None,
 ) -> torch.Tensor:  # out
     """One expand per slice, each into its column range of the fused output."""
-    if meta is None and lora_b_stacked:
-        meta = LoRAKernelMeta.build(token_lora_indices, lora_b_stacked[0].shape[0])
-    offset = 0
-    for i, b in enumerate(lora_b_stacked):
-        lora_expand(y[i], b, token_lora_indices, out, add_inputs, offset=offset, meta=meta)
-        offset += b.shape[1]
-    return out
+    return expand_sliced(lora_expand, y, lora_b_stacked, token_lora_indices, out, add_inputs, meta)

@@ -17,6 +17,7 @@ The shrink result is float32 (as vLLM's buffer); expand casts it to the weights'
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,23 @@ def _meta(meta: LoRAKernelMeta | None, token_lora_indices: torch.Tensor, max_lor
     return meta
 
 
+def _check_shrink_shapes(x: torch.Tensor, lora_a_stacked: torch.Tensor) -> None:
+    in_features = lora_a_stacked.shape[2]
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(f"x must be [num_tokens, {in_features}], got {list(x.shape)}")
+
+
+def _check_expand_shapes(y: torch.Tensor, lora_b_stacked: torch.Tensor, out: torch.Tensor, offset: int) -> None:
+    _, out_features, rank = lora_b_stacked.shape
+    if y.dim() != 2 or y.shape[1] != rank:
+        raise ValueError(f"y must be [num_tokens, {rank}], got {list(y.shape)}")
+    if out.shape[0] != y.shape[0] or out.shape[1] < offset + out_features:
+        raise ValueError(
+            f"out {list(out.shape)} cannot hold {out_features} columns at offset {offset} "
+            f"for {y.shape[0]} tokens"
+        )
+
+
 def _segments(meta: LoRAKernelMeta, num_tokens: int):
     """(slot, token rows [n] int64 or None = every token) for every slot with tokens, base excluded."""
     segments = meta.segments
@@ -92,9 +110,8 @@ def lora_shrink(
     meta: LoRAKernelMeta | None = None,
 ) -> torch.Tensor:  # [num_tokens, rank] float32; rows of base-model tokens are zero
     """``out[t] = scale * x[t] @ lora_a_stacked[slot[t]].T`` for tokens with an adapter."""
-    max_loras, rank, in_features = lora_a_stacked.shape
-    if x.dim() != 2 or x.shape[1] != in_features:
-        raise ValueError(f"x must be [num_tokens, {in_features}], got {list(x.shape)}")
+    max_loras, rank, _ = lora_a_stacked.shape
+    _check_shrink_shapes(x, lora_a_stacked)
     meta = _meta(meta, token_lora_indices, max_loras)
     out = torch.zeros(x.shape[0], rank, dtype=torch.float32, device=x.device)
     for slot, rows in _segments(meta, x.shape[0]):
@@ -124,14 +141,8 @@ def lora_expand(
     Rows of base-model tokens are left untouched; ``add_inputs=False`` overwrites the rows of
     tokens with an adapter instead of accumulating.
     """
-    max_loras, out_features, rank = lora_b_stacked.shape
-    if y.dim() != 2 or y.shape[1] != rank:
-        raise ValueError(f"y must be [num_tokens, {rank}], got {list(y.shape)}")
-    if out.shape[0] != y.shape[0] or out.shape[1] < offset + out_features:
-        raise ValueError(
-            f"out {list(out.shape)} cannot hold {out_features} columns at offset {offset} "
-            f"for {y.shape[0]} tokens"
-        )
+    max_loras, out_features, _ = lora_b_stacked.shape
+    _check_expand_shapes(y, lora_b_stacked, out, offset)
     meta = _meta(meta, token_lora_indices, max_loras)
     cols = out[:, offset : offset + out_features]
     for slot, rows in _segments(meta, y.shape[0]):
@@ -150,6 +161,43 @@ def lora_expand(
     return out
 
 
+def shrink_sliced(
+    shrink: Callable[..., torch.Tensor],
+    x: torch.Tensor,  # [num_tokens, in_features]
+    lora_a_stacked: Sequence[torch.Tensor],  # each [max_loras, rank, in_features]
+    token_lora_indices: torch.Tensor,  # [num_tokens]
+    scale: float,
+    meta: LoRAKernelMeta | None,
+) -> torch.Tensor:  # [num_slices, num_tokens, rank] float32
+    """``shrink`` (this module's ``lora_shrink`` or its Triton twin) once per slice, all slices
+    sharing one ``LoRAKernelMeta``; [num_slices, num_tokens, rank]."""
+    if meta is None and lora_a_stacked:
+        meta = LoRAKernelMeta.build(token_lora_indices, lora_a_stacked[0].shape[0])
+    return torch.stack(
+        [shrink(x, a, token_lora_indices, scale, meta=meta) for a in lora_a_stacked]
+    )
+
+
+def expand_sliced(
+    expand: Callable[..., torch.Tensor],
+    y: torch.Tensor,  # [num_slices, num_tokens, rank]
+    lora_b_stacked: Sequence[torch.Tensor],  # slice i: [max_loras, out_i, rank]
+    token_lora_indices: torch.Tensor,  # [num_tokens]
+    out: torch.Tensor,  # [num_tokens, sum(out_i)]
+    add_inputs: bool,
+    meta: LoRAKernelMeta | None,
+) -> torch.Tensor:  # out
+    """``expand`` (this module's ``lora_expand`` or its Triton twin) once per slice, slice ``i``
+    into columns ``sum(out_<i)`` onwards of ``out``, all slices sharing one ``LoRAKernelMeta``."""
+    if meta is None and lora_b_stacked:
+        meta = LoRAKernelMeta.build(token_lora_indices, lora_b_stacked[0].shape[0])
+    offset = 0
+    for i, b in enumerate(lora_b_stacked):
+        expand(y[i], b, token_lora_indices, out, add_inputs, offset=offset, meta=meta)
+        offset += b.shape[1]
+    return out
+
+
 def lora_shrink_sliced(
     x: torch.Tensor,  # [num_tokens, in_features]
     lora_a_stacked: list[torch.Tensor] | tuple[torch.Tensor, ...],  # each [max_loras, rank, in_features]
@@ -159,11 +207,7 @@ def lora_shrink_sliced(
     meta: LoRAKernelMeta | None = None,
 ) -> torch.Tensor:  # [num_slices, num_tokens, rank] float32
     """One shrink per slice of a fused projection (e.g. q, k, v of a fused qkv)."""
-    if meta is None and lora_a_stacked:
-        meta = LoRAKernelMeta.build(token_lora_indices, lora_a_stacked[0].shape[0])
-    return torch.stack(
-        [lora_shrink(x, a, token_lora_indices, scale, meta=meta) for a in lora_a_stacked]
-    )
+    return shrink_sliced(lora_shrink, x, lora_a_stacked, token_lora_indices, scale, meta)
 
 
 def lora_expand_sliced(
@@ -176,10 +220,4 @@ def lora_expand_sliced(
     meta: LoRAKernelMeta | None = None,
 ) -> torch.Tensor:  # out
     """One expand per slice, each into its column range of the fused output."""
-    if meta is None and lora_b_stacked:
-        meta = LoRAKernelMeta.build(token_lora_indices, lora_b_stacked[0].shape[0])
-    offset = 0
-    for i, b in enumerate(lora_b_stacked):
-        lora_expand(y[i], b, token_lora_indices, out, add_inputs, offset=offset, meta=meta)
-        offset += b.shape[1]
-    return out
+    return expand_sliced(lora_expand, y, lora_b_stacked, token_lora_indices, out, add_inputs, meta)

@@ -111,10 +111,13 @@ def test_bad_inputs_raise():
         ref.lora_shrink(x, a, torch.tensor([0, 2, -1]))
     with pytest.raises(ValueError, match="token_lora_indices"):
         tri.lora_shrink(x, a, torch.tensor([0, -2, -1]))
-    with pytest.raises(ValueError, match="x must be"):
-        tri.lora_shrink(torch.randn(3, 8), a, torch.tensor([0, 1, -1]))
-    with pytest.raises(ValueError, match="cannot hold"):
-        tri.lora_expand(torch.randn(3, 4), torch.randn(2, 16, 4), torch.tensor([0, 1, -1]), torch.zeros(3, 8))
+    for impl in (ref, tri):  # one shape check serves both
+        with pytest.raises(ValueError, match="x must be"):
+            impl.lora_shrink(torch.randn(3, 8), a, torch.tensor([0, 1, -1]))
+        with pytest.raises(ValueError, match="cannot hold"):
+            impl.lora_expand(torch.randn(3, 4), torch.randn(2, 16, 4), torch.tensor([0, 1, -1]), torch.zeros(3, 8))
+        with pytest.raises(ValueError, match="y must be"):
+            impl.lora_expand(torch.randn(3, 5), torch.randn(2, 16, 4), torch.tensor([0, 1, -1]), torch.zeros(3, 16))
 
 
 def test_empty_batch_and_all_base():
