@@ -9,6 +9,7 @@ queued, generating or streaming) has its requests aborted at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -184,6 +185,25 @@ class OpenAIServing:
                 handle.close()
         return sorted(finals.items())
 
+    async def _event_stream(self, handles, raw: Request, events) -> AsyncIterator[str]:
+        """``events(disconnect)``'s server-sent events, then ``[DONE]``. A failed request ends the stream
+        with its error event and ``[DONE]``; a client that went away ends it with nothing more. The
+        requests' handles are closed however it ends."""
+        disconnect = asyncio.create_task(_until_disconnect(raw))
+        try:
+            async for event in events(disconnect):
+                yield event
+            yield "data: [DONE]\n\n"
+        except ClientDisconnected:
+            return
+        except RequestFailedError as exc:
+            yield _sse(self._failure_status(exc).body())
+            yield "data: [DONE]\n\n"
+        finally:
+            disconnect.cancel()
+            for handle in handles:
+                handle.close()
+
     # ------------------------------------------------------------------ completions
     async def completions(self, body: p.CompletionRequest, raw: Request) -> Response:
         model, engine_kwargs = self.resolve_model(body.model)
@@ -217,8 +237,9 @@ class OpenAIServing:
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            gen = self._completion_stream(handles, raw, request_id, created, model, prompts, body, echo, include_usage)
-            return _EventStream(gen, handles)
+            events = functools.partial(self._completion_events, handles, request_id, created, model, prompts, body,
+                                       echo, include_usage)
+            return _EventStream(self._event_stream(handles, raw, events), handles)
         try:
             finals = await self._collect(handles, raw)
         except ClientDisconnected:
@@ -242,53 +263,42 @@ class OpenAIServing:
         resp = p.CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
         return JSONResponse(resp.model_dump())
 
-    async def _completion_stream(self, handles, raw, request_id, created, model, prompts, body, echo,
-                                 include_usage) -> AsyncIterator[str]:
-        disconnect = asyncio.create_task(_until_disconnect(raw))
+    async def _completion_events(self, handles, request_id, created, model, prompts, body, echo, include_usage,
+                                 disconnect: asyncio.Task) -> AsyncIterator[str]:
+        """The completion chunks as the choices grow (the usage chunk last when asked for)."""
         sent_text: dict[tuple[int, int], int] = {}
         sent_tokens: dict[tuple[int, int], int] = {}
         echoed: set[tuple[int, int]] = set()
         completion_tokens = 0
-        try:
-            async for i, out in _merged(handles, disconnect):
-                choices = []
-                for c in out.outputs:
-                    key = (i, c.index)
-                    start, tok_start = sent_text.get(key, 0), sent_tokens.get(key, 0)
-                    delta = c.text[start:]
-                    if echo and key not in echoed:  # the prompt leads the first chunk of each choice
-                        echoed.add(key)
-                        delta = echo[i] + delta
-                    new_tokens = len(c.token_ids) - tok_start
-                    finished = c.finish_reason is not None
-                    if not delta and not finished and not (body.logprobs is not None and new_tokens):
-                        continue
-                    lp = None
-                    if body.logprobs is not None:
-                        lp = text_logprobs_for_stream(c, self.tokenizer, body.logprobs, tok_start, start)
-                    sent_text[key] = len(c.text)
-                    sent_tokens[key] = len(c.token_ids)
-                    if finished:
-                        completion_tokens += len(c.token_ids)
-                    choices.append(p.CompletionChoice(index=i * body.n + c.index, text=delta, logprobs=lp,
-                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-                if choices:
-                    yield _sse(p.CompletionChunk(id=request_id, created=created, model=model, choices=choices))
-            if include_usage:
-                num_prompt = sum(len(ids) for ids in prompts)
-                usage = p.UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
-                                    total_tokens=num_prompt + completion_tokens)
-                yield _sse(p.CompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage))
-            yield "data: [DONE]\n\n"
-        except ClientDisconnected:
-            return
-        except RequestFailedError as exc:
-            yield _sse(self._failure_status(exc).body())
-            yield "data: [DONE]\n\n"
-        finally:
-            disconnect.cancel()
-            for handle in handles:
-                handle.close()
+        async for i, out in _merged(handles, disconnect):
+            choices = []
+            for c in out.outputs:
+                key = (i, c.index)
+                start, tok_start = sent_text.get(key, 0), sent_tokens.get(key, 0)
+                delta = c.text[start:]
+                if echo and key not in echoed:  # the prompt leads the first chunk of each choice
+                    echoed.add(key)
+                    delta = echo[i] + delta
+                new_tokens = len(c.token_ids) - tok_start
+                finished = c.finish_reason is not None
+                if not delta and not finished and not (body.logprobs is not None and new_tokens):
+                    continue
+                lp = None
+                if body.logprobs is not None:
+                    lp = text_logprobs_for_stream(c, self.tokenizer, body.logprobs, tok_start, start)
+                sent_text[key] = len(c.text)
+                sent_tokens[key] = len(c.token_ids)
+                if finished:
+                    completion_tokens += len(c.token_ids)
+                choices.append(p.CompletionChoice(index=i * body.n + c.index, text=delta, logprobs=lp,
+                                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            if choices:
+                yield _sse(p.CompletionChunk(id=request_id, created=created, model=model, choices=choices))
+        if include_usage:
+            num_prompt = sum(len(ids) for ids in prompts)
+            usage = p.UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
+                                total_tokens=num_prompt + completion_tokens)
+            yield _sse(p.CompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage))
 
     # ------------------------------------------------------------------ chat
     async def chat(self, body: p.ChatCompletionRequest, raw: Request) -> Response:
@@ -317,8 +327,9 @@ class OpenAIServing:
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            gen = self._chat_stream(handles, raw, request_id, created, model, len(ids), body, include_usage)
-            return _EventStream(gen, handles)
+            events = functools.partial(self._chat_events, handles, request_id, created, model, len(ids), body,
+                                       include_usage)
+            return _EventStream(self._event_stream(handles, raw, events), handles)
         try:
             finals = await self._collect(handles, raw)
         except ClientDisconnected:
@@ -337,9 +348,10 @@ class OpenAIServing:
         resp = p.ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
         return JSONResponse(resp.model_dump())
 
-    async def _chat_stream(self, handles, raw, request_id, created, model, num_prompt, body,
-                           include_usage) -> AsyncIterator[str]:
-        disconnect = asyncio.create_task(_until_disconnect(raw))
+    async def _chat_events(self, handles, request_id, created, model, num_prompt, body, include_usage,
+                           disconnect: asyncio.Task) -> AsyncIterator[str]:
+        """The chat chunks: the assistant role first, then the choices' deltas (the usage chunk last
+        when asked for)."""
 
         def chunk(choices, usage=None) -> str:
             return _sse(p.ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
@@ -347,39 +359,28 @@ class OpenAIServing:
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         completion_tokens = 0
-        try:
-            yield chunk([p.ChatStreamChoice(index=i, delta=p.DeltaMessage(role="assistant", content=""))
-                         for i in range(body.n)])
-            async for _, out in _merged(handles, disconnect):
-                choices = []
-                for c in out.outputs:
-                    start, tok_start = sent_text.get(c.index, 0), sent_tokens.get(c.index, 0)
-                    delta = c.text[start:]
-                    new_tokens = len(c.token_ids) - tok_start
-                    finished = c.finish_reason is not None
-                    if not delta and not finished and not (body.logprobs and new_tokens):
-                        continue
-                    lp = chat_logprobs(c, self.tokenizer, body.top_logprobs or 0, tok_start) if body.logprobs else None
-                    sent_text[c.index] = len(c.text)
-                    sent_tokens[c.index] = len(c.token_ids)
-                    if finished:
-                        completion_tokens += len(c.token_ids)
-                    choices.append(p.ChatStreamChoice(index=c.index, delta=p.DeltaMessage(content=delta or None)
-                                                      if delta else p.DeltaMessage(), logprobs=lp,
-                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-                if choices:
-                    yield chunk(choices)
-            if include_usage:
-                usage = p.UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
-                                    total_tokens=num_prompt + completion_tokens)
-                yield chunk([], usage)
-            yield "data: [DONE]\n\n"
-        except ClientDisconnected:
-            return
-        except RequestFailedError as exc:
-            yield _sse(self._failure_status(exc).body())
-            yield "data: [DONE]\n\n"
-        finally:
-            disconnect.cancel()
-            for handle in handles:
-                handle.close()
+        yield chunk([p.ChatStreamChoice(index=i, delta=p.DeltaMessage(role="assistant", content=""))
+                     for i in range(body.n)])
+        async for _, out in _merged(handles, disconnect):
+            choices = []
+            for c in out.outputs:
+                start, tok_start = sent_text.get(c.index, 0), sent_tokens.get(c.index, 0)
+                delta = c.text[start:]
+                new_tokens = len(c.token_ids) - tok_start
+                finished = c.finish_reason is not None
+                if not delta and not finished and not (body.logprobs and new_tokens):
+                    continue
+                lp = chat_logprobs(c, self.tokenizer, body.top_logprobs or 0, tok_start) if body.logprobs else None
+                sent_text[c.index] = len(c.text)
+                sent_tokens[c.index] = len(c.token_ids)
+                if finished:
+                    completion_tokens += len(c.token_ids)
+                choices.append(p.ChatStreamChoice(index=c.index, delta=p.DeltaMessage(content=delta or None)
+                                                  if delta else p.DeltaMessage(), logprobs=lp,
+                                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            if choices:
+                yield chunk(choices)
+        if include_usage:
+            usage = p.UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
+                                total_tokens=num_prompt + completion_tokens)
+            yield chunk([], usage)
