@@ -74,6 +74,19 @@ def _forbidden_status(old: dict[str, Any] | None, generation: int | None, messag
     return {"conditions": kept + new}
 
 
+def _count_failure(metrics: OperatorMetrics, handler: str, exc: Exception) -> None:
+    """Count a failed reconcile: API errors are retried (``forbidden``, ``unreachable`` or
+    ``api_error``), anything else is a bug (``unexpected``)."""
+    if isinstance(exc, kube.ApiError):
+        metrics.reconciliations.labels(handler, "retry").inc()
+        kind = ("forbidden" if isinstance(exc, kube.Forbidden)
+                else "unreachable" if isinstance(exc, kube.Unreachable) else "api_error")
+    else:
+        metrics.reconciliations.labels(handler, "error").inc()
+        kind = "unexpected"
+    metrics.errors.labels(handler, kind).inc()
+
+
 async def on_change(handler: str, body: kopf.Body, patch: kopf.Patch, memo: Any, retry: int,
                     rt: reconcile.Runtime, metrics: OperatorMetrics) -> None:
     """create / update / resume: reconcile now; raise kopf errors per the policy above."""
@@ -93,18 +106,15 @@ async def on_change(handler: str, body: kopf.Body, patch: kopf.Patch, memo: Any,
             async with _lock(memo):
                 patch["status"] = await reconcile.reconcile(rt, spec, old)
         except kube.Forbidden as exc:
-            metrics.reconciliations.labels(handler, "retry").inc()
-            metrics.errors.labels(handler, "forbidden").inc()
+            _count_failure(metrics, handler, exc)
             patch["status"] = _forbidden_status(old, spec.generation, str(exc))
             kopf.warn(body, reason="Forbidden", message=str(exc))
             raise kopf.TemporaryError(str(exc), delay=FORBIDDEN_RETRY_SECONDS) from exc
         except kube.ApiError as exc:
-            metrics.reconciliations.labels(handler, "retry").inc()
-            metrics.errors.labels(handler, "unreachable" if isinstance(exc, kube.Unreachable) else "api_error").inc()
+            _count_failure(metrics, handler, exc)
             raise kopf.TemporaryError(str(exc), delay=backoff(retry)) from exc
-        except Exception:
-            metrics.reconciliations.labels(handler, "error").inc()
-            metrics.errors.labels(handler, "unexpected").inc()
+        except Exception as exc:
+            _count_failure(metrics, handler, exc)
             raise
     metrics.reconciliations.labels(handler, "success").inc()
 
@@ -133,18 +143,15 @@ async def on_resync(body: kopf.Body, patch: kopf.Patch, memo: Any, logger: Any,
             async with _lock(memo):
                 new = await reconcile.reconcile(rt, spec, old, do_prune=False)
         except kube.Forbidden as exc:
-            metrics.reconciliations.labels(handler, "retry").inc()
-            metrics.errors.labels(handler, "forbidden").inc()
+            _count_failure(metrics, handler, exc)
             patch["status"] = _forbidden_status(old, spec.generation, str(exc))
             return
         except kube.ApiError as exc:
-            metrics.reconciliations.labels(handler, "retry").inc()
-            metrics.errors.labels(handler, "unreachable" if isinstance(exc, kube.Unreachable) else "api_error").inc()
+            _count_failure(metrics, handler, exc)
             logger.warning("resync failed, retrying on the next tick: %s", exc)
             return
         except Exception as exc:  # a bug: report, keep the timer alive
-            metrics.reconciliations.labels(handler, "error").inc()
-            metrics.errors.labels(handler, "unexpected").inc()
+            _count_failure(metrics, handler, exc)
             logger.exception("resync failed unexpectedly: %s", exc)
             return
     metrics.reconciliations.labels(handler, "success").inc()

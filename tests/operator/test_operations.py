@@ -59,3 +59,19 @@ def test_resync_never_raises_and_leaves_status_alone(make_body):
     assert patch == {}
     assert metrics.registry.get_sample_value("pageant_operator_reconciliations_total",
                                              {"handler": "resync", "result": "retry"}) == 1
+
+
+@pytest.mark.parametrize("exc,result,reason", [
+    (kube.Forbidden(403, "get", "NetworkPolicy", "forbidden"), "retry", "forbidden"),
+    (kube.Unreachable(0, "get", "Deployment", "connection refused"), "retry", "unreachable"),
+    (kube.ServerError(500, "get", "Deployment", "boom"), "retry", "api_error"),
+    (KeyError("a bug"), "error", "unexpected"),
+])
+def test_failures_are_counted_alike_by_every_handler(exc, result, reason):
+    metrics = OperatorMetrics()
+    for handler in ("create", "resync"):
+        operations._count_failure(metrics, handler, exc)
+        assert metrics.registry.get_sample_value("pageant_operator_reconciliations_total",
+                                                 {"handler": handler, "result": result}) == 1
+        assert metrics.registry.get_sample_value("pageant_operator_reconcile_errors_total",
+                                                 {"handler": handler, "reason": reason}) == 1
