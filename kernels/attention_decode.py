@@ -21,7 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from pageant.kernels.triton_utils import check_device, device_sms, dot, dot_settings, last_dim_contiguous, pow2_at_least
+from pageant.kernels.triton_utils import (
+    check_attention_shapes,
+    check_device,
+    device_sms,
+    dot,
+    dot_settings,
+    last_dim_contiguous,
+    pow2_at_least,
+)
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
@@ -173,15 +181,10 @@ def decode_attention(
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """``paged_attention_decode`` with its launch knobs exposed (tests and benchmarks set them)."""
     num_seqs, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
-    if v_cache.shape != k_cache.shape or cache_head_dim != head_dim:
-        raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit query {tuple(query.shape)}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    check_attention_shapes(query, k_cache, v_cache)
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or seq_lens.shape != (num_seqs,):
         raise ValueError("block_tables must be [num_seqs, max_blocks] and seq_lens [num_seqs]")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("the caches' head_dim must be contiguous")
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if num_seqs == 0:
         return out

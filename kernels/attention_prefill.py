@@ -23,7 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from pageant.kernels.triton_utils import check_device, dot, dot_settings, last_dim_contiguous, pow2_at_least
+from pageant.kernels.triton_utils import (
+    check_attention_shapes,
+    check_device,
+    dot,
+    dot_settings,
+    last_dim_contiguous,
+    pow2_at_least,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -175,16 +182,11 @@ def prefill_attention(
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """``paged_attention_prefill`` with its launch knobs exposed (tests and benchmarks set them)."""
     num_tokens, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
-    if v_cache.shape != k_cache.shape or cache_head_dim != head_dim:
-        raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit query {tuple(query.shape)}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    check_attention_shapes(query, k_cache, v_cache)
     if query_start_loc.shape != (num_seqs + 1,) or block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
         raise ValueError("expected query_start_loc [num_seqs + 1] and block_tables [num_seqs, max_blocks]")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("the caches' head_dim must be contiguous")
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if num_tokens == 0 or num_seqs == 0:
         return out

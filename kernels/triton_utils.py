@@ -69,6 +69,22 @@ def device_sms(device: torch.device) -> int:
     return num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def check_attention_shapes(
+    query: torch.Tensor,  # [num_tokens or num_seqs, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+) -> None:
+    """The paged attention kernels' checks of the query against the caches (shapes, GQA, layout)."""
+    num_heads, head_dim = query.shape[1:]
+    num_kv_heads, cache_head_dim = k_cache.shape[2:]
+    if v_cache.shape != k_cache.shape or cache_head_dim != head_dim:
+        raise ValueError(f"caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit query {tuple(query.shape)}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the caches' head_dim must be contiguous")
+
+
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself if its last dimension has stride 1 (kernels index rows by stride), else a copy."""
     return t if t.stride(-1) == 1 else t.contiguous()

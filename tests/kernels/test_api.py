@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pageant.kernels import get_ops, reference, triton_ops
 
@@ -34,28 +35,17 @@ def test_get_ops():
         get_ops("cuda")
 
 
-def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
-    """Importing needs no GPU; calling on CPU tensors outside the interpreter says what to do."""
-    code = (
-        "import torch; from pageant.kernels import triton_ops\n"
-        "try:\n"
-        "    triton_ops.rms_norm(torch.ones(2, 16), torch.ones(16), 1e-6)\n"
-        "except RuntimeError as e:\n"
-        "    print(e)\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = pathlib.Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "need CUDA tensors" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
-
-
-def test_interpreter_switched_on_after_import_gets_the_same_clear_error():
-    """Kernels decorated for the GPU stay so: setting the variable late must not lead into Triton."""
+@pytest.mark.parametrize("set_late,expected", [
+    # importing needs no GPU; calling on CPU tensors outside the interpreter says what to do
+    (False, ("need CUDA tensors", "TRITON_INTERPRET=1")),
+    # kernels decorated for the GPU stay so: setting the variable late must not lead into Triton
+    (True, ("first imported",)),
+], ids=["without-interpreter", "interpreter-switched-on-after-import"])
+def test_cpu_tensors_outside_the_interpreter_get_a_clear_error(set_late, expected):
     code = (
         "import os, torch; from pageant.kernels import triton_ops\n"
-        "os.environ['TRITON_INTERPRET'] = '1'\n"
-        "try:\n"
+        + ("os.environ['TRITON_INTERPRET'] = '1'\n" if set_late else "")
+        + "try:\n"
         "    triton_ops.rms_norm(torch.ones(2, 16), torch.ones(16), 1e-6)\n"
         "except RuntimeError as e:\n"
         "    print(e)\n"
@@ -64,4 +54,27 @@ def test_interpreter_switched_on_after_import_gets_the_same_clear_error():
     root = pathlib.Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "first imported" in out.stdout
+    assert all(text in out.stdout for text in expected), out.stdout
+
+
+def _attention(name: str, query, k_cache, v_cache):
+    """Call one paged attention kernel on one sequence of one token."""
+    tables, seq_lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    if name == "paged_attention_decode":
+        return triton_ops.paged_attention_decode(query, k_cache, v_cache, tables, seq_lens, 1.0)
+    query_start_loc = torch.tensor([0, query.shape[0]], dtype=torch.int32)
+    return triton_ops.paged_attention_prefill(query, k_cache, v_cache, tables, query_start_loc, seq_lens, 1.0)
+
+
+@pytest.mark.parametrize("name", ["paged_attention_decode", "paged_attention_prefill"])
+def test_attention_kernels_check_the_query_against_the_caches(name):
+    cache = torch.zeros(2, 8, 2, 16)
+    with pytest.raises(ValueError, match="do not fit query"):
+        _attention(name, torch.zeros(1, 4, 32), cache, cache)
+    with pytest.raises(ValueError, match="do not fit query"):
+        _attention(name, torch.zeros(1, 4, 16), cache, torch.zeros(3, 8, 2, 16))
+    with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
+        _attention(name, torch.zeros(1, 3, 16), cache, cache)
+    strided = torch.zeros(2, 8, 2, 32)[..., ::2]  # head_dim 16 with stride 2
+    with pytest.raises(ValueError, match="head_dim must be contiguous"):
+        _attention(name, torch.zeros(1, 4, 16), strided, strided)
