@@ -22,8 +22,7 @@ from pageant.kernels.lora_reference import (
     _check_expand_shapes,
     _check_shrink_shapes,
     _meta,
-    expand_sliced,
-    shrink_sliced,
+    sliced_ops,
 )
 
 __all__ = ["LoRAKernelMeta", "lora_shrink", "lora_expand", "lora_shrink_sliced", "lora_expand_sliced"]
@@ -229,26 +228,4 @@ def lora_expand(
     return out
 
 
-def lora_shrink_sliced(
-    x: torch.Tensor,  # [num_tokens, in_features]
-    lora_a_stacked: list[torch.Tensor] | tuple[torch.Tensor, ...],  # each [max_loras, rank, in_features]
-    token_lora_indices: torch.Tensor,  # [num_tokens]
-    scale: float = 1.0,
-    *,
-    meta: LoRAKernelMeta | None = None,
-) -> torch.Tensor:  # [num_slices, num_tokens, rank] float32
-    """One shrink per slice of a fused projection (e.g. q, k, v of a fused qkv)."""
-    return shrink_sliced(lora_shrink, x, lora_a_stacked, token_lora_indices, scale, meta)
-
-
-def lora_expand_sliced(
-    y: torch.Tensor,  # [num_slices, num_tokens, rank]
-    lora_b_stacked: list[torch.Tensor] | tuple[torch.Tensor, ...],  # slice i: [max_loras, out_i, rank]
-    token_lora_indices: torch.Tensor,  # [num_tokens]
-    out: torch.Tensor,  # [num_tokens, sum(out_i)]: slice i lands at columns offset_i = sum(out_<i)
-    add_inputs: bool = True,
-    *,
-    meta: LoRAKernelMeta | None = None,
-) -> torch.Tensor:  # out
-    """One expand per slice, each into its column range of the fused output."""
-    return expand_sliced(lora_expand, y, lora_b_stacked, token_lora_indices, out, add_inputs, meta)
+lora_shrink_sliced, lora_expand_sliced = sliced_ops(lora_shrink, lora_expand)

@@ -17,7 +17,7 @@ The shrink result is float32 (as vLLM's buffer); expand casts it to the weights'
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -161,63 +161,45 @@ def lora_expand(
     return out
 
 
-def shrink_sliced(
-    shrink: Callable[..., torch.Tensor],
-    x: torch.Tensor,  # [num_tokens, in_features]
-    lora_a_stacked: Sequence[torch.Tensor],  # each [max_loras, rank, in_features]
-    token_lora_indices: torch.Tensor,  # [num_tokens]
-    scale: float,
-    meta: LoRAKernelMeta | None,
-) -> torch.Tensor:  # [num_slices, num_tokens, rank] float32
-    """``shrink`` (this module's ``lora_shrink`` or its Triton twin) once per slice, all slices
-    sharing one ``LoRAKernelMeta``; [num_slices, num_tokens, rank]."""
-    if meta is None and lora_a_stacked:
-        meta = LoRAKernelMeta.build(token_lora_indices, lora_a_stacked[0].shape[0])
-    return torch.stack(
-        [shrink(x, a, token_lora_indices, scale, meta=meta) for a in lora_a_stacked]
-    )
+def sliced_ops(shrink: Callable[..., torch.Tensor], expand: Callable[..., torch.Tensor]):
+    """``(lora_shrink_sliced, lora_expand_sliced)`` built on one module's ``lora_shrink`` and
+    ``lora_expand`` (this one's, or the Triton twins): every slice of a fused projection (e.g. q,
+    k, v of a fused qkv) shares one ``LoRAKernelMeta``."""
+
+    def lora_shrink_sliced(
+        x: torch.Tensor,  # [num_tokens, in_features]
+        lora_a_stacked: list[torch.Tensor] | tuple[torch.Tensor, ...],  # each [max_loras, rank, in_features]
+        token_lora_indices: torch.Tensor,  # [num_tokens]
+        scale: float = 1.0,
+        *,
+        meta: LoRAKernelMeta | None = None,
+    ) -> torch.Tensor:  # [num_slices, num_tokens, rank] float32
+        """One shrink per slice of a fused projection (e.g. q, k, v of a fused qkv)."""
+        if meta is None and lora_a_stacked:
+            meta = LoRAKernelMeta.build(token_lora_indices, lora_a_stacked[0].shape[0])
+        return torch.stack(
+            [shrink(x, a, token_lora_indices, scale, meta=meta) for a in lora_a_stacked]
+        )
+
+    def lora_expand_sliced(
+        y: torch.Tensor,  # [num_slices, num_tokens, rank]
+        lora_b_stacked: list[torch.Tensor] | tuple[torch.Tensor, ...],  # slice i: [max_loras, out_i, rank]
+        token_lora_indices: torch.Tensor,  # [num_tokens]
+        out: torch.Tensor,  # [num_tokens, sum(out_i)]: slice i lands at columns offset_i = sum(out_<i)
+        add_inputs: bool = True,
+        *,
+        meta: LoRAKernelMeta | None = None,
+    ) -> torch.Tensor:  # out
+        """One expand per slice, each into its column range of the fused output."""
+        if meta is None and lora_b_stacked:
+            meta = LoRAKernelMeta.build(token_lora_indices, lora_b_stacked[0].shape[0])
+        offset = 0
+        for i, b in enumerate(lora_b_stacked):
+            expand(y[i], b, token_lora_indices, out, add_inputs, offset=offset, meta=meta)
+            offset += b.shape[1]
+        return out
+
+    return lora_shrink_sliced, lora_expand_sliced
 
 
-def expand_sliced(
-    expand: Callable[..., torch.Tensor],
-    y: torch.Tensor,  # [num_slices, num_tokens, rank]
-    lora_b_stacked: Sequence[torch.Tensor],  # slice i: [max_loras, out_i, rank]
-    token_lora_indices: torch.Tensor,  # [num_tokens]
-    out: torch.Tensor,  # [num_tokens, sum(out_i)]
-    add_inputs: bool,
-    meta: LoRAKernelMeta | None,
-) -> torch.Tensor:  # out
-    """``expand`` (this module's ``lora_expand`` or its Triton twin) once per slice, slice ``i``
-    into columns ``sum(out_<i)`` onwards of ``out``, all slices sharing one ``LoRAKernelMeta``."""
-    if meta is None and lora_b_stacked:
-        meta = LoRAKernelMeta.build(token_lora_indices, lora_b_stacked[0].shape[0])
-    offset = 0
-    for i, b in enumerate(lora_b_stacked):
-        expand(y[i], b, token_lora_indices, out, add_inputs, offset=offset, meta=meta)
-        offset += b.shape[1]
-    return out
-
-
-def lora_shrink_sliced(
-    x: torch.Tensor,  # [num_tokens, in_features]
-    lora_a_stacked: list[torch.Tensor] | tuple[torch.Tensor, ...],  # each [max_loras, rank, in_features]
-    token_lora_indices: torch.Tensor,  # [num_tokens]
-    scale: float = 1.0,
-    *,
-    meta: LoRAKernelMeta | None = None,
-) -> torch.Tensor:  # [num_slices, num_tokens, rank] float32
-    """One shrink per slice of a fused projection (e.g. q, k, v of a fused qkv)."""
-    return shrink_sliced(lora_shrink, x, lora_a_stacked, token_lora_indices, scale, meta)
-
-
-def lora_expand_sliced(
-    y: torch.Tensor,  # [num_slices, num_tokens, rank]
-    lora_b_stacked: list[torch.Tensor] | tuple[torch.Tensor, ...],  # slice i: [max_loras, out_i, rank]
-    token_lora_indices: torch.Tensor,  # [num_tokens]
-    out: torch.Tensor,  # [num_tokens, sum(out_i)]: slice i lands at columns offset_i = sum(out_<i)
-    add_inputs: bool = True,
-    *,
-    meta: LoRAKernelMeta | None = None,
-) -> torch.Tensor:  # out
-    """One expand per slice, each into its column range of the fused output."""
-    return expand_sliced(lora_expand, y, lora_b_stacked, token_lora_indices, out, add_inputs, meta)
+lora_shrink_sliced, lora_expand_sliced = sliced_ops(lora_shrink, lora_expand)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -17,6 +19,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     scale = max(1.0, float(expected.float().abs().max())) if expected.numel() else 1.0
     tol = TOL[dtype]
     torch.testing.assert_close(actual.float(), expected.float(), atol=tol["atol"] * scale, rtol=tol["rtol"])
+
+
+@pytest.mark.parametrize("name", tri.__all__[1:])
+def test_triton_twins_have_the_reference_signatures(name):
+    assert inspect.signature(getattr(tri, name)) == inspect.signature(getattr(ref, name))
+    assert getattr(tri, name) is not getattr(ref, name)  # the sliced ones are built on the Triton kernels
 
 
 def _indices(num_tokens: int, max_loras: int, gen: torch.Generator) -> torch.Tensor:
