@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import pathlib
 import time
 
@@ -63,10 +62,32 @@ def bench(fn, cuda: bool, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def plot(result: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tokens = [row["num_tokens"] for row in rows]
+    ax.plot(tokens, [row["triton_over_base"] for row in rows], "o-", label="triton shrink+expand")
+    ax.plot(tokens, [row["torch_over_base"] for row in rows], "s--", label="torch reference")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens in the batch (4 adapters)")
+    ax.set_ylabel("LoRA time / base qkv projection time")
+    s = result["settings"]
+    ax.set_title(f"fused qkv LoRA (rank {s['rank']}) vs base projection, {result['device']}, {s['dtype']}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from pageant.engine.bench.scripts import save_result
     from pageant.kernels import lora as tri
     from pageant.kernels import lora_reference as ref
     from pageant.kernels.lora_reference import LoRAKernelMeta
@@ -116,27 +137,8 @@ def main(argv=None) -> int:
     result = {"benchmark": "lora-kernels", "device": name, "torch": torch.__version__,
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"lora-kernels-{'cuda' if cuda else 'cpu'}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    tokens = [row["num_tokens"] for row in rows]
-    ax.plot(tokens, [row["triton_over_base"] for row in rows], "o-", label="triton shrink+expand")
-    ax.plot(tokens, [row["torch_over_base"] for row in rows], "s--", label="torch reference")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens in the batch (4 adapters)")
-    ax.set_ylabel("LoRA time / base qkv projection time")
-    ax.set_title(f"fused qkv LoRA (rank {r}) vs base projection, {name}, {args.dtype}", fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / f"{stem}.png", dpi=120)
-    print(f"wrote {out / stem}.json and .png")
+    path = save_result(result, args.out, "lora-kernels", device.type, lambda png: plot(result, png))
+    print(f"wrote {path} and .png")
     return 0
 
 
