@@ -31,30 +31,40 @@ def _training_text() -> list[str]:
     return texts
 
 
+def train_byte_level_bpe(texts: list[str], vocab_size: int, special_tokens: list[str]):
+    """A ``tokenizers.Tokenizer``: byte-level BPE (any string round-trips) trained on ``texts``, the
+    ``special_tokens`` first (ids 0, 1, ... in order; they must include ``<s>``), ``<s>`` prepended
+    on encode. Deterministic for the same texts and tokenizers version."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return tok
+
+
 def build_tokenizer(path: str | pathlib.Path, vocab_size: int = 512) -> pathlib.Path:
     """Train a byte-level BPE tokenizer (any string round-trips) and save it with transformers.
 
     Special tokens: ``<pad>`` (0), ``<s>`` (1, bos, prepended on encode), ``</s>`` (2, eos);
     a chat template with roles. Returns ``path``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_training_text(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
+    tok = train_byte_level_bpe(_training_text(), vocab_size, SPECIAL_TOKENS)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",

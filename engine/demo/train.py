@@ -67,21 +67,11 @@ def corpus() -> list[tuple[str, str]]:
 
 
 def train_tokenizer(texts: list[str], out: pathlib.Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    from pageant.engine.testing import train_byte_level_bpe
+
+    tok = train_byte_level_bpe(texts, VOCAB_SIZE, SPECIAL_TOKENS)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         additional_special_tokens=SPECIAL_TOKENS[3:], model_max_length=MODEL_CONFIG["max_position_embeddings"],
