@@ -172,13 +172,19 @@ class OpenAIServing:
     def _failure_status(self, exc: RequestFailedError) -> APIError:
         return APIError(exc.status, str(exc), code="engine_error" if exc.status == 500 else "server_shutting_down")
 
-    async def _collect(self, handles, raw: Request) -> list[tuple[int, RequestOutput]]:
+    async def _collect(self, handles, raw: Request) -> list[tuple[int, RequestOutput]] | None:
+        """(position, final output) of every request; None when the client went away first. A failed
+        request raises its ``APIError``; the handles are closed however it ends."""
         disconnect = asyncio.create_task(_until_disconnect(raw))
         finals: dict[int, RequestOutput] = {}
         try:
             async for i, out in _merged(handles, disconnect):
                 if out.finished:
                     finals[i] = out
+        except ClientDisconnected:
+            return None
+        except RequestFailedError as exc:
+            raise self._failure_status(exc) from None
         finally:
             disconnect.cancel()
             for handle in handles:
@@ -240,12 +246,9 @@ class OpenAIServing:
             events = functools.partial(self._completion_events, handles, request_id, created, model, prompts, body,
                                        echo, include_usage)
             return _EventStream(self._event_stream(handles, raw, events), handles)
-        try:
-            finals = await self._collect(handles, raw)
-        except ClientDisconnected:
+        finals = await self._collect(handles, raw)
+        if finals is None:  # the client went away
             return Response(status_code=499)
-        except RequestFailedError as exc:
-            raise self._failure_status(exc) from None
         choices, completion_tokens = [], 0
         for i, out in finals:
             completion_tokens += sum(len(c.token_ids) for c in out.outputs)
@@ -330,12 +333,9 @@ class OpenAIServing:
             events = functools.partial(self._chat_events, handles, request_id, created, model, len(ids), body,
                                        include_usage)
             return _EventStream(self._event_stream(handles, raw, events), handles)
-        try:
-            finals = await self._collect(handles, raw)
-        except ClientDisconnected:
+        finals = await self._collect(handles, raw)
+        if finals is None:  # the client went away
             return Response(status_code=499)
-        except RequestFailedError as exc:
-            raise self._failure_status(exc) from None
         out = finals[0][1]
         choices, completion_tokens = [], 0
         for c in out.outputs:
