@@ -20,24 +20,12 @@ def api_server(serve):
 
 
 @pytest.fixture(scope="session")
-def make_server_adapter(tmp_path_factory, tiny_checkpoint):
-    """``make_server_adapter(seed) -> dir``: a PEFT LoRA adapter (random non-zero A and B) for the tiny model."""
+def make_server_adapter(make_adapter, tiny_checkpoint):
+    """``make_server_adapter(seed, root=None) -> dir``: a PEFT LoRA adapter (rank 4 on q, v and down,
+    random non-zero A and B) for the tiny model."""
 
     def make(seed: int, root: pathlib.Path | None = None) -> str:
-        import torch
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint), dtype=torch.float32)
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                lora_dropout=0.0, task_type="CAUSAL_LM"))
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_A" in name or "lora_B" in name:  # peft zero-inits B: make the adapter matter
-                    param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-        out = (root or tmp_path_factory.mktemp("adapters")) / f"adapter-{seed}"
-        model.save_pretrained(str(out))
-        return str(out)
+        return make_adapter(str(tiny_checkpoint), r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), seed=seed,
+                            root=root, std=0.5)
 
     return make
