@@ -1,19 +1,15 @@
-"""Kernel tests run Triton in its CPU interpreter; shared builders for paged KV caches.
+"""Kernel tests: shared builders for paged KV caches.
 
-``TRITON_INTERPRET`` must be set before any kernel module is imported (Triton picks the
-interpreter when a kernel is decorated), hence at this conftest's import time.
+Triton runs in its CPU interpreter: the root tests/conftest.py sets ``TRITON_INTERPRET`` before
+any kernel module is imported (Triton picks the interpreter when a kernel is decorated).
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from dataclasses import dataclass  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 POISON = 1000.0  # written into blocks no sequence owns: a kernel that reads one is far off

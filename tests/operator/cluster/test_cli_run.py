@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 
 import aiohttp
@@ -14,12 +13,6 @@ import yaml
 
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
@@ -31,7 +24,7 @@ async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("scope", [["--namespace", "ml"], []], ids=["namespaced", "cluster-wide"])
-async def test_operator_run_process(cluster_api, make_body, wait, tmp_path, scope):
+async def test_operator_run_process(cluster_api, make_body, wait, tmp_path, scope, unused_tcp_port_factory):
     url, cluster = cluster_api
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
@@ -39,7 +32,7 @@ async def test_operator_run_process(cluster_api, make_body, wait, tmp_path, scop
         "clusters": [{"name": "kmock", "cluster": {"server": url}}],
         "users": [{"name": "test", "user": {"token": "not-checked"}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test", "namespace": "ml"}}]}))
-    metrics_port, health_port = _free_port(), _free_port()
+    metrics_port, health_port = unused_tcp_port_factory(), unused_tcp_port_factory()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     env.pop("KUBERNETES_SERVICE_HOST", None)
     proc = await asyncio.create_subprocess_exec(
