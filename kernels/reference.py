@@ -38,17 +38,21 @@ def _gather_context(
 
 
 # Decode groups: sequences sorted by length are split where the length falls below this fraction of
-# the group's longest, so short contexts are not padded to the batch's longest one.
-_DECODE_GROUP_RATIO = 0.6
+# the group's longest (little padding) or the group's padded context would exceed this many tokens
+# (its gathered K/V then stays in cache for the attention that reads it right after).
+_DECODE_GROUP_RATIO = 0.9
+_DECODE_GROUP_TOKENS = 1024
 
 
 def _decode_groups(lens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
     """Rows sorted by context length, longest first, and ``[start, end)`` spans of that order whose
-    lengths stay above ``_DECODE_GROUP_RATIO`` of the span's first (longest) one."""
+    lengths stay above ``_DECODE_GROUP_RATIO`` of the span's first (longest) one and whose padded
+    size stays within ``_DECODE_GROUP_TOKENS`` (a longer sequence still gets a span of its own)."""
     order = sorted(range(len(lens)), key=lens.__getitem__, reverse=True)
     spans, start = [], 0
     for j in range(1, len(order)):
-        if lens[order[j]] < _DECODE_GROUP_RATIO * lens[order[start]]:
+        longest = lens[order[start]]
+        if lens[order[j]] < _DECODE_GROUP_RATIO * longest or (j + 1 - start) * longest > _DECODE_GROUP_TOKENS:
             spans.append((start, j))
             start = j
     spans.append((start, len(order)))

@@ -44,3 +44,9 @@ def test_grouped_decode_matches_naive(lens):
 def test_decode_groups_split_by_length():
     order, spans = reference._decode_groups([10, 100, 90, 11, 50])
     assert [[order[j] for j in range(a, b)] for a, b in spans] == [[1, 2], [4], [3, 0]]
+
+
+def test_decode_groups_cap_padded_tokens(monkeypatch):
+    monkeypatch.setattr(reference, "_DECODE_GROUP_TOKENS", 300)
+    order, spans = reference._decode_groups([100, 100, 100, 100, 400])
+    assert [b - a for a, b in spans] == [1, 3, 1]  # 400 alone (over the cap on its own), then 3 x 100
