@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gpu-memory-utilization", type=float, default=None)
     e.add_argument("--attention-backend", choices=["torch", "triton"], default=None)
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    e.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="never capture CUDA graphs (decode runs eagerly, as prefill always does)")
     e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1 is supported")
     lora = ap.add_argument_group("LoRA adapters")
     lora.add_argument("--enable-lora", action="store_true")
@@ -135,7 +137,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     """The engine's keyword arguments: only the flags that were given (the engine has the defaults)."""
     keys = ["dtype", "device", "seed", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
             "num_kv_blocks", "kv_cache_memory_gib", "gpu_memory_utilization", "attention_backend",
-            "enable_prefix_caching"]
+            "enable_prefix_caching", "enforce_eager"]
     kwargs = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.enable_lora:
         kwargs.update(enable_lora=True, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,

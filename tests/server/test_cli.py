@@ -135,3 +135,19 @@ def test_dtype_auto(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
     assert resolve_device_dtype("cuda", "auto", str(tmp_path)) == ("cuda", "bfloat16")
     assert resolve_device_dtype("cuda:0", "half", str(tmp_path)) == ("cuda:0", "float16")
+
+
+def test_engine_flags_reach_the_engine_config():
+    """Every engine knob of `pageant serve` becomes the EngineConfig field of the same name."""
+    from pageant.engine.server.cli import build_parser, engine_kwargs
+
+    args = build_parser().parse_args([
+        "--max-model-len", "512", "--max-num-seqs", "7", "--max-num-batched-tokens", "300", "--block-size", "8",
+        "--num-kv-blocks", "99", "--attention-backend", "triton", "--enable-prefix-caching", "--enforce-eager",
+        "--seed", "3",
+    ])
+    kwargs = engine_kwargs(args)
+    assert kwargs == {**kwargs, "max_model_len": 512, "max_num_seqs": 7, "max_num_batched_tokens": 300,
+                      "block_size": 8, "num_kv_blocks": 99, "attention_backend": "triton",
+                      "enable_prefix_caching": True, "enforce_eager": True, "seed": 3}
+    assert "enforce_eager" not in engine_kwargs(build_parser().parse_args([]))
