@@ -16,12 +16,6 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
 
 
 @dataclass(frozen=True)
@@ -97,23 +91,47 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be 'torch' or 'triton', got {self.attention_backend!r}")
 
 
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
+
+
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding: ``rope_type`` in {"default", "linear", "llama3"} and its parameters."""
+    """Rotary embedding: ``rope_type`` in ``ROPE_TYPES`` and its parameters (transformers' names).
+
+    ``factor`` is None when the checkpoint gives none (longrope then derives it from the lengths).
+    """
 
     theta: float = 10000.0
     rope_type: str = "default"
-    factor: float = 1.0
+    factor: float | None = None
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+
+    @property
+    def scale(self) -> float:
+        """``factor``, 1.0 when absent."""
+        return 1.0 if self.factor is None else self.factor
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The parts of a Hugging Face ``config.json`` the Llama-family model code needs."""
+    """What the model code needs from a Hugging Face ``config.json``, read by the family's module.
 
-    arch: str  # "llama" | "mistral" | "qwen2" | "qwen3"
+    ``arch`` names the family module (``pageant.engine.models.<arch>``); ``architecture`` the
+    checkpoint's class. ``layer_sliding_windows[i]`` is layer ``i``'s attention window (None: full
+    attention). The family-specific switches live here too, typed, so models never read ``raw``.
+    """
+
+    arch: str
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -121,99 +139,132 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float
+    rms_norm_eps: float  # the eps of every norm of the model (RMSNorm or LayerNorm)
     max_position_embeddings: int
     rope: RopeConfig
+    architecture: str = ""
+    rotary_dim: int | None = None  # None: head_dim (partial rotary otherwise)
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
-    sliding_window: int | None = None
+    hidden_act: str = "silu"
+    sliding_window: int | None = None  # the largest window of any layer
+    layer_sliding_windows: tuple[int | None, ...] = ()
+    parallel_residual: bool = False  # attention and MLP read the same input (GPT-NeoX, Falcon)
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    query_pre_attn_scalar: float | None = None  # attention scale is its -0.5 power (Gemma 2)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    family_options: tuple[tuple[str, Any], ...] = ()  # a family's own switches, e.g. Falcon's qkv layout
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
+    def option(self, name: str, default: Any = None) -> Any:
+        return dict(self.family_options).get(name, default)
+
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        archs = cfg.get("architectures") or []
-        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            arch = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}.get(
-                cfg.get("model_type", "")
-            )
-        if arch is None:
-            raise ValueError(
-                f"unsupported model architecture {archs or cfg.get('model_type')!r}; "
-                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-            )
-        num_heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        sliding = cfg.get("sliding_window")
-        if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
-            sliding = None
-        return cls(
-            arch=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            rope=_rope_config(cfg),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=bool(cfg.get("attention_bias", False)) or arch == "qwen2",
-            o_bias=bool(cfg.get("attention_bias", False)) and arch != "qwen2",
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=arch == "qwen3",
-            sliding_window=sliding,
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
-            raw=cfg,
-        )
+        """Find the family in the registry; its module reads the config (unsupported: ValueError)."""
+        from pageant.engine.models.registry import resolve_architecture
+
+        return resolve_architecture(cfg).config_from_hf(cfg)
 
     @classmethod
     def from_pretrained(cls, path: str | pathlib.Path) -> "ModelConfig":
         return cls.from_dict(json.loads((pathlib.Path(path) / "config.json").read_text()))
 
 
-def _rope_config(cfg: dict[str, Any]) -> RopeConfig:
+def common_fields(cfg: dict[str, Any], arch: str, **overrides: Any) -> dict[str, Any]:
+    """The ``ModelConfig`` fields most families spell the Llama way; ``overrides`` win."""
+    from pageant.engine.models.registry import architecture_of
+
+    num_heads = cfg["num_attention_heads"]
+    num_layers = cfg["num_hidden_layers"]
+    eos = cfg.get("eos_token_id")
+    fields: dict[str, Any] = dict(
+        arch=arch,
+        architecture=architecture_of(cfg),
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg.get("intermediate_size") or 4 * cfg["hidden_size"],
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        rope=rope_config(cfg),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        hidden_act=cfg.get("hidden_act") or "silu",
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+        torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+        raw=cfg,
+    )
+    fields.update(overrides)
+    head_dim = fields["head_dim"]
+    factor = partial_rotary_factor(cfg)
+    if fields.get("rotary_dim") is None and factor != 1.0:
+        fields["rotary_dim"] = int(head_dim * factor)
+    windows = fields.get("layer_sliding_windows") or ()
+    if not windows and fields.get("sliding_window") is not None:
+        windows = (fields["sliding_window"],) * num_layers
+    fields["layer_sliding_windows"] = tuple(windows) or (None,) * num_layers
+    live = [w for w in fields["layer_sliding_windows"] if w is not None]
+    fields["sliding_window"] = max(live) if live else None
+    return fields
+
+
+def partial_rotary_factor(cfg: dict[str, Any]) -> float:
+    params = cfg.get("rope_parameters") or {}
+    return float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+
+
+def rope_config(cfg: dict[str, Any], theta_key: str = "rope_theta") -> RopeConfig:
     """Read rotary settings from either layout: transformers 5 ``rope_parameters`` or the older
     ``rope_theta`` + ``rope_scaling``."""
     params = dict(cfg.get("rope_parameters") or {})
     scaling = dict(cfg.get("rope_scaling") or {})
     merged = {**scaling, **params}
-    theta = merged.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = merged.get("rope_theta", cfg.get(theta_key, cfg.get("rope_theta", 10000.0)))
     rope_type = merged.get("rope_type") or merged.get("type") or "default"
-    if rope_type not in ("default", "linear", "llama3"):
-        raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: default, linear, llama3")
+    rope_type = {"su": "longrope", "dynamic_ntk": "dynamic"}.get(rope_type, rope_type)
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+    original = merged.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+    if rope_type == "longrope" and not (merged.get("short_factor") and merged.get("long_factor")):
+        raise ValueError("longrope rope scaling needs short_factor and long_factor")
+
+    def opt(name: str) -> float | None:
+        return None if merged.get(name) is None else float(merged[name])
+
     return RopeConfig(
         theta=float(theta),
         rope_type=rope_type,
-        factor=float(merged.get("factor", 1.0)),
+        factor=opt("factor"),
         low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=merged.get("original_max_position_embeddings"),
+        original_max_position_embeddings=original,
+        beta_fast=float(merged.get("beta_fast") or 32.0),
+        beta_slow=float(merged.get("beta_slow") or 1.0),
+        mscale=opt("mscale"),
+        mscale_all_dim=opt("mscale_all_dim"),
+        attention_factor=opt("attention_factor"),
+        truncate=bool(merged.get("truncate", True)),
+        short_factor=tuple(float(x) for x in merged.get("short_factor") or ()),
+        long_factor=tuple(float(x) for x in merged.get("long_factor") or ()),
     )
 
 
 def resolve_max_model_len(requested: int | None, model: ModelConfig) -> int:
-    """The context limit: the model's, capped by Mistral's sliding window (we have no sliding-window
-    attention, so positions beyond the window would differ from the reference), or the user's."""
+    """The context limit: the model's ``max_position_embeddings``, or the user's if not above it.
+    Sliding-window layers attend only their window (see ``pageant.engine.layers.attention``)."""
     limit = model.max_position_embeddings
-    if model.sliding_window is not None and model.sliding_window < limit:
-        logger.warning(
-            "sliding_window=%d is smaller than max_position_embeddings=%d: capping max_model_len to %d",
-            model.sliding_window, limit, model.sliding_window,
-        )
-        limit = model.sliding_window
     if requested is None:
         return limit
     if requested > limit:

@@ -1,4 +1,5 @@
-"""Find a checkpoint (local folder or Hugging Face hub id) and load its safetensors weights."""
+"""Find a checkpoint (local folder or Hugging Face hub id), build its family's model and load its
+safetensors weights (each tensor through its parameter's ``weight_loader``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from pageant.engine.config import ModelConfig
-from pageant.engine.llama import LlamaForCausalLM
+from pageant.engine.layers.layernorm import GemmaRMSNorm
+from pageant.engine.layers.parallel import SINGLE, ParallelState
+from pageant.engine.models.base import CausalLM
+from pageant.engine.models.registry import model_class
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,18 @@ def safetensors_files(path: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
+def _build(model_config: ModelConfig, ops: ModuleType, dtype: torch.dtype, device: torch.device,
+           max_position: int, parallel: ParallelState) -> CausalLM:
+    """The family's model, uninitialised on ``device`` (built on the meta device, then allocated)."""
+    cls = model_class(model_config.architecture)
+    with torch.device("meta"):
+        model = cls(model_config, ops, max_position, parallel)
+    model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()  # to_empty un-ties shared parameters
+    model.init_buffers(device)
+    return model
+
+
 def load_model(
     path: pathlib.Path,
     model_config: ModelConfig,
@@ -69,63 +85,30 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     max_position: int,
-) -> LlamaForCausalLM:
+    parallel: ParallelState = SINGLE,
+) -> CausalLM:
     """Build the model without initialising it, then fill every parameter from the checkpoint
     (with a progress bar). Raises ``ValueError`` if a parameter is missing from the checkpoint."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(model_config, ops, max_position)
-    model = model.to_empty(device=device).to(dtype)
-    if model_config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    from pageant.engine.rope import cos_sin_cache
-
-    model.cos_sin_cache = cos_sin_cache(model_config.rope, model_config.head_dim, max_position).to(device)
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
+    model = _build(model_config, ops, dtype, device, max_position, parallel)
     files = safetensors_files(path)
+    loaded: set[str] = set()
+
+    def tensors(file: pathlib.Path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
     with torch.no_grad(), tqdm(total=len(files), desc="Loading weights", unit="file", leave=False) as bar:
         for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    if "rotary_emb.inv_freq" in name:
-                        continue
-                    if model_config.tie_word_embeddings and name == "lm_head.weight":
-                        continue
-                    tensor = f.get_tensor(name)
-                    target, rows = _target(model, name)
-                    if target not in params:
-                        raise ValueError(f"unexpected weight {name!r} in {file.name}")
-                    param = params[target]
-                    dst = param.data if rows is None else param.data[rows]
-                    if dst.shape != tensor.shape:
-                        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
-                    dst.copy_(tensor.to(dtype))
-                    loaded.add(name if rows is None else f"{target}:{rows.start}")
+            try:
+                loaded |= model.load_weights(tensors(file))
+            except ValueError as exc:
+                raise ValueError(f"{file.name}: {exc}") from None
             bar.update(1)
-    expected = _expected_names(model)
-    missing = sorted(expected - loaded)
+    missing = sorted(model.expected_keys() - loaded)
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     return model.eval()
-
-
-def _target(model: LlamaForCausalLM, name: str) -> tuple[str, slice | None]:
-    for ours, theirs, shard in model.stacked_params:
-        if f".{theirs}." in name:
-            target = name.replace(theirs, ours)
-            return target, model.shard_slice(target, shard)
-    return name, None
-
-
-def _expected_names(model: LlamaForCausalLM) -> set[str]:
-    names: set[str] = set()
-    for name, _ in model.named_parameters():
-        merged = [(ours, shard) for ours, _, shard in model.stacked_params if f".{ours}." in name]
-        if merged:
-            names.update(f"{name}:{model.shard_slice(name, shard).start}" for _, shard in merged)
-        else:
-            names.add(name)
-    return names
 
 
 @torch.no_grad()
@@ -136,24 +119,20 @@ def build_dummy_model(
     device: torch.device,
     max_position: int,
     seed: int = 0,
-) -> LlamaForCausalLM:
+    parallel: ParallelState = SINGLE,
+) -> CausalLM:
     """``load_format="dummy"``: the model with random weights made directly on ``device`` (no
-    weight files, no host copy): linear and embedding weights ~ N(0, 0.02), norms 1, biases 0."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(model_config, ops, max_position)
-    model = model.to_empty(device=device).to(dtype)
-    if model_config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    from pageant.engine.rope import cos_sin_cache
-
-    model.cos_sin_cache = cos_sin_cache(model_config.rope, model_config.head_dim, max_position).to(device)
+    weight files, no host copy): matrices ~ N(0, 0.02), norm weights 1 (0 for Gemma's ``1 + w``
+    norms), biases 0."""
+    model = _build(model_config, ops, dtype, device, max_position, parallel)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
-            param.fill_(1.0)
-        elif name.endswith(".bias"):
-            param.zero_()
-        else:  # drawn in float32 and cast, so bf16/fp16 models get the same values on every device kind
-            param.copy_(torch.empty(param.shape, device=device).normal_(0.0, 0.02, generator=generator))
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if "norm" in type(module).__name__.lower():
+                param.fill_(0.0 if isinstance(module, GemmaRMSNorm) or pname == "bias" else 1.0)
+            elif pname == "bias":
+                param.zero_()
+            else:  # drawn in float32 and cast, so bf16/fp16 models get the same values on every device kind
+                param.copy_(torch.empty(param.shape, device=device).normal_(0.0, 0.02, generator=generator))
     return model.eval()

@@ -21,13 +21,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pageant.engine.adapters.spec import PARENT, PROJECTIONS, LoRAModelSpec
+from pageant.engine.adapters.spec import LoRAModelSpec
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_KEY = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)(?:\.[\w-]+)?\.weight$"
-)
+
+
+def _key_pattern(spec: LoRAModelSpec) -> re.Pattern:
+    """PEFT weight names of the spec's layers: ``[base_model.model.]<prefix>.N.<parent>.<proj>.lora_A|B``."""
+    return re.compile(
+        rf"^(?:base_model\.model\.)?{re.escape(spec.layer_prefix)}\.(\d+)\.([\w.]+)\.(\w+)\.lora_(A|B)(?:\.[\w-]+)?\.weight$"
+    )
 
 
 class LoRAAdapterError(ValueError):
@@ -140,7 +144,7 @@ def _read_config(folder: pathlib.Path, adapter_root, path: str) -> dict:
     return cfg
 
 
-def _check_config(cfg: dict, max_lora_rank: int, path: str) -> None:
+def _check_config(cfg: dict, max_lora_rank: int, path: str, projections: tuple[str, ...]) -> None:
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise LoRAAdapterError(f"adapter {path!r} is a {peft_type} adapter; only LoRA is supported")
@@ -169,11 +173,11 @@ def _check_config(cfg: dict, max_lora_rank: int, path: str) -> None:
         )
     targets = cfg.get("target_modules")
     if isinstance(targets, (list, tuple, set)):
-        lacking = sorted(str(t) for t in targets if str(t).split(".")[-1] not in PROJECTIONS)
+        lacking = sorted(str(t) for t in targets if str(t).split(".")[-1] not in projections)
         if lacking:
             raise LoRAAdapterError(
                 f"adapter {path!r} targets modules the model lacks or LoRA here does not support: {lacking}; "
-                f"supported: {list(PROJECTIONS)}"
+                f"supported: {list(projections)}"
             )
 
 
@@ -221,19 +225,20 @@ def load_peft_adapter(
     """Read, validate and scale the adapter at ``path`` for a base model described by ``spec``."""
     folder = resolve_adapter_dir(path, adapter_root)
     cfg = _read_config(folder, adapter_root, path)
-    _check_config(cfg, max_lora_rank, path)
+    _check_config(cfg, max_lora_rank, path, spec.projections)
     tensors = _read_weights(folder, adapter_root, path)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    key_pattern = _key_pattern(spec)
     for key, tensor in tensors.items():
-        m = _KEY.match(key)
+        m = key_pattern.match(key)
         if m is None:
             what = "DoRA magnitude" if "magnitude" in key else "weight"
             raise LoRAAdapterError(
                 f"adapter {path!r} has a {what} {key!r} on a module this engine cannot apply LoRA to "
-                f"(supported: {list(PROJECTIONS)} of the decoder layers)"
+                f"(supported: {list(spec.projections)} of the decoder layers)"
             )
         layer, parent, proj, ab = int(m.group(1)), m.group(2), m.group(3), m.group(4)
-        if proj not in PROJECTIONS or PARENT[proj] != parent or proj not in spec.projections:
+        if proj not in spec.projections or spec.parent(proj) != parent:
             raise LoRAAdapterError(f"adapter {path!r} targets module {parent}.{proj}, which the model lacks")
         if layer >= spec.num_layers:
             raise LoRAAdapterError(
@@ -247,7 +252,7 @@ def load_peft_adapter(
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     max_rank = 0
     for (layer, proj), ab in sorted(pairs.items()):
-        module = f"model.layers.{layer}.{PARENT[proj]}.{proj}"
+        module = spec.module_name(layer, proj)
         if set(ab) != {"A", "B"}:
             raise LoRAAdapterError(f"adapter {path!r} has lora_A without lora_B (or the reverse) for {module}")
         a, b = ab["A"], ab["B"]
@@ -269,6 +274,9 @@ def load_peft_adapter(
             )
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise LoRAAdapterError(f"adapter {path!r} has NaN or infinite weights in {module}")
+        order = spec.row_order(proj)
+        if order is not None:  # the engine re-laid this projection's output rows on load: follow it
+            b = b[list(order)]
         weights[(layer, proj)] = (a.contiguous(), (b.float() * scaling).contiguous())
         max_rank = max(max_rank, r)
     return LoRAAdapter(name=name, int_id=int_id, path=str(folder), rank=max_rank, weights=weights)

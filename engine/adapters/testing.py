@@ -12,7 +12,7 @@ import json
 import pathlib
 from typing import Iterable
 
-from pageant.engine.adapters.spec import PARENT, PROJECTIONS
+from pageant.engine.adapters.spec import PROJECTIONS
 
 
 def build_lora_adapter(
@@ -35,10 +35,10 @@ def build_lora_adapter(
     from pageant.engine.config import ModelConfig
 
     targets = list(target_modules)
-    unknown = [t for t in targets if t not in PROJECTIONS]
-    if unknown:
-        raise ValueError(f"unknown target modules {unknown}; expected some of {list(PROJECTIONS)}")
     spec = LoRAModelSpec.from_model_config(ModelConfig.from_pretrained(base_path))
+    unknown = [t for t in targets if t not in spec.projections]
+    if unknown:
+        raise ValueError(f"unknown target modules {unknown}; expected some of {list(spec.projections)}")
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -46,7 +46,7 @@ def build_lora_adapter(
     for layer in range(spec.num_layers):
         for proj in targets:
             in_f, out_f = spec.shape(proj)
-            prefix = f"base_model.model.model.layers.{layer}.{PARENT[proj]}.{proj}"
+            prefix = f"base_model.model.{spec.module_name(layer, proj)}"
             tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) * std
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * std
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -1,8 +1,7 @@
-"""Model/engine configuration: both rope layouts, Mistral's sliding window cap, clear errors."""
+"""Model/engine configuration: both rope layouts, sliding windows per layer, clear errors."""
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 
@@ -25,7 +24,9 @@ def test_rope_from_old_and_new_layouts():
     assert ModelConfig.from_dict(BASE).rope.rope_type == "default"
     assert old.num_kv_heads == 2 and old.head_dim == 4
     with pytest.raises(ValueError, match="rope"):
-        ModelConfig.from_dict({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+        ModelConfig.from_dict({**BASE, "rope_scaling": {"rope_type": "mystery", "factor": 2.0}})
+    with pytest.raises(ValueError, match="short_factor and long_factor"):
+        ModelConfig.from_dict({**BASE, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
 
 
 def test_unsupported_architecture():
@@ -40,15 +41,16 @@ def test_qwen2_bias_and_qwen3_norm_flags():
     assert q3.qk_norm and q3.head_dim == 16 and not q3.qkv_bias
 
 
-def test_mistral_sliding_window_caps_max_model_len(make_checkpoint, caplog):
+def test_sliding_window_no_longer_caps_max_model_len(make_checkpoint):
+    """Sliding-window layers attend their window (tests/engine/test_model_families.py checks the
+    outputs past the window against transformers), so the context stays the model's."""
     path = make_checkpoint("mistral", sliding_window=128)
-    with caplog.at_level(logging.WARNING):
-        engine = LLMEngine.from_kwargs(model=path, num_kv_blocks=16)
-    assert engine.config.max_model_len == 128
-    assert "sliding_window=128" in caplog.text
+    engine = LLMEngine.from_kwargs(model=path, num_kv_blocks=16)
+    assert engine.config.max_model_len == 512
     model = ModelConfig.from_pretrained(path)
+    assert model.sliding_window == 128 and model.layer_sliding_windows == (128, 128)
     with pytest.raises(ValueError, match="exceeds"):
-        resolve_max_model_len(256, model)
+        resolve_max_model_len(1024, model)
     assert resolve_max_model_len(100, model) == 100
 
 

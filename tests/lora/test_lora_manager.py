@@ -163,7 +163,11 @@ def test_wrap_model_adds_delta(tiny_checkpoint, adapters):
             self.mlp = nn.Module()
             self.mlp.gate_up_proj, self.mlp.down_proj = nn.Linear(64, 256), nn.Linear(128, 64)
 
-    model = nn.Module()
+    class Model(nn.Module):
+        def decoder_layers(self):
+            return self.model.layers
+
+    model = Model()
     model.model = nn.Module()
     model.model.layers = nn.ModuleList([Layer(), Layer()])
     wrap_model(model, mgr)
