@@ -19,7 +19,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
-ARCHS = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gpt_neox", "falcon", "falcon7b", "mixtral", "gemma2", "phi3")
 
 
 def _training_text() -> list[str]:
@@ -78,7 +78,7 @@ def build_tokenizer(path: str | pathlib.Path, vocab_size: int = 512) -> pathlib.
 
 
 def _config(arch: str, vocab_size: int, overrides: dict[str, Any]):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    import transformers
 
     common: dict[str, Any] = dict(
         vocab_size=vocab_size,
@@ -94,33 +94,42 @@ def _config(arch: str, vocab_size: int, overrides: dict[str, Any]):
         pad_token_id=0,
         tie_word_embeddings=False,
     )
-    if arch == "llama":
-        cls = LlamaConfig
-    elif arch == "llama3":
-        cls = LlamaConfig
-        common.update(
-            rope_theta=500000.0,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64,
-            },
-        )
-    elif arch == "mistral":
-        cls = MistralConfig
-        common.update(sliding_window=4096)
-    elif arch == "qwen2":
-        cls = Qwen2Config
-        common.update(tie_word_embeddings=True, rope_theta=1000000.0)
-    elif arch == "qwen3":
-        cls = Qwen3Config
-        common.update(head_dim=32, rope_theta=1000000.0)
-    else:
+    llama3_rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 64}
+    # Phi-3's longrope: short factors within original_max_position_embeddings (128, above every test
+    # sequence), and factor 512 / 128 = 4 puts an attention factor != 1 on cos and sin
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                "long_factor": [2.0 + 0.5 * i for i in range(8)], "original_max_position_embeddings": 128}
+    norm_eps = {"rms_norm_eps": None}  # families with LayerNorm spell eps their own way
+    families: dict[str, tuple[str, dict[str, Any]]] = {
+        "llama": ("LlamaConfig", {}),
+        "llama3": ("LlamaConfig", {"rope_theta": 500000.0, "rope_scaling": llama3_rope}),
+        "mistral": ("MistralConfig", {"sliding_window": 4096}),
+        "qwen2": ("Qwen2Config", {"tie_word_embeddings": True, "rope_theta": 1000000.0}),
+        "qwen3": ("Qwen3Config", {"head_dim": 32, "rope_theta": 1000000.0}),
+        # partial rotary (a quarter of each head), parallel residual, LayerNorm with bias, per-head fused qkv
+        "gpt_neox": ("GPTNeoXConfig", {**norm_eps, "num_key_value_heads": None, "rotary_pct": 0.25,
+                                       "layer_norm_eps": 1e-5, "use_parallel_residual": True}),
+        # Falcon-40B/180B layout: grouped fused qkv (GQA), two LayerNorms in parallel attention
+        "falcon": ("FalconConfig", {**norm_eps, "num_key_value_heads": None, "intermediate_size": None,
+                                    "new_decoder_architecture": True, "num_kv_heads": 2, "ffn_hidden_size": 128,
+                                    "tie_word_embeddings": True}),
+        # Falcon-7B layout: multi-query fused qkv, one LayerNorm for the parallel attention + MLP
+        "falcon7b": ("FalconConfig", {**norm_eps, "num_key_value_heads": None, "intermediate_size": None,
+                                      "new_decoder_architecture": False, "multi_query": True,
+                                      "parallel_attn": True, "ffn_hidden_size": 128, "tie_word_embeddings": True}),
+        "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+        # alternating sliding (32 tokens) / global layers, soft-capping, (1 + w) norms, GeGLU, tied
+        "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 32, "query_pre_attn_scalar": 16,
+                                    "tie_word_embeddings": True}),
+        "phi3": ("Phi3Config", {"rope_parameters": longrope, "original_max_position_embeddings": 128}),
+    }
+    if arch not in families:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    cls_name, extra = families[arch]
+    common.update(extra)
     common.update(overrides)
-    return cls(**common)
+    return getattr(transformers, cls_name)(**{k: v for k, v in common.items() if v is not None})
 
 
 def _save_sharded(model, path: pathlib.Path, num_shards: int) -> None:
@@ -157,9 +166,10 @@ def build_checkpoint(
 ) -> pathlib.Path:
     """Save a tiny random-weight ``transformers`` model of ``arch`` plus the trained tokenizer.
 
-    ``arch`` is one of "llama", "llama3" (llama3 rope scaling), "mistral", "qwen2" (qkv bias,
-    tied embeddings) and "qwen3" (q/k norm). Defaults: hidden 64, 2 layers, 4 heads, 2 kv heads,
-    vocab = the tokenizer's (512). Returns ``path``.
+    ``arch`` is one of ``ARCHS``: "llama", "llama3" (llama3 rope scaling), "mistral", "qwen2" (qkv
+    bias, tied embeddings), "qwen3" (q/k norm), "gpt_neox", "falcon" (new decoder architecture),
+    "falcon7b" (multi-query), "mixtral" (4 experts, top 2), "gemma2", "phi3" (longrope). Defaults:
+    hidden 64, 2 layers, 4 heads, 2 kv heads, vocab = the tokenizer's (512). Returns ``path``.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

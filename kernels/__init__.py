@@ -27,7 +27,7 @@ ATTENTION_BACKENDS = ("torch", "triton")
 def get_ops(backend: str) -> ModuleType:
     """The module of kernels for ``backend`` ("torch" or "triton"); both expose the same functions:
     ``reshape_and_cache``, ``paged_attention_decode``, ``paged_attention_prefill``, ``rms_norm``,
-    ``fused_add_rms_norm`` and ``rotary_embedding``.
+    ``fused_add_rms_norm``, ``rotary_embedding``, ``fused_moe`` and ``select_experts``.
     """
     if backend == "torch":
         from pageant.kernels import reference

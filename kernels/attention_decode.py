@@ -13,6 +13,13 @@ Work split (grid ``[num_seqs, num_kv_heads, num_splits]``):
 The softmax runs online in base 2 (scores pre-multiplied by ``scale * log2(e)``) with float32
 accumulators; float32 inputs use 3xTF32 dots (about fp32-exact; plain IEEE fp32 dots spill
 registers on sm_90), so fp32 results match the reference to ~1e-6.
+
+Options (compile-time flags, so the plain kernel is unchanged; semantics in ``attention_masks``):
+
+- ``sliding_window`` ``W``: the query at position ``seq_len - 1`` sees only ``seq_len - W ..``, so
+  the splits cut that window instead of the whole context (and the split count is sized by ``W``):
+  pages before it are never read, a step costs the same, and no extra mask is needed.
+- ``logits_soft_cap`` ``c``: ``c * tanh(s / c)`` on the natural-log score ``s``, then base 2.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pageant.kernels.attention_masks import check_attention_options
 from pageant.kernels.triton_utils import (
     check_attention_shapes,
     check_device,
@@ -35,7 +43,32 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit
+def tanh(x):
+    """tanh from one exp of a non-positive number (no overflow; tl has no tanh on every version)."""
+    e = tl.exp(-2.0 * tl.abs(x))  # in (0, 1]
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def scaled_scores(qk, qk_scale, cap_scale, SOFT_CAP: tl.constexpr):
+    """Base-2 scores from raw dot products: ``qk * qk_scale``, or with a soft cap ``c``
+    (``qk_scale = scale / c``, ``cap_scale = c * log2(e)``) ``c * tanh(qk * scale / c) * log2(e)``."""
+    if SOFT_CAP:
+        return tanh(qk * qk_scale) * cap_scale
+    else:
+        return qk * qk_scale
+
+
+def score_scales(scale: float, logits_soft_cap: float | None) -> tuple[float, float]:
+    """``(qk_scale, cap_scale)`` for ``scaled_scores``."""
+    if logits_soft_cap is None:
+        return float(scale) * LOG2E, 0.0
+    return float(scale) / logits_soft_cap, logits_soft_cap * LOG2E
+
+
+@triton.jit(do_not_specialize=["num_splits", "window"])
 def _decode_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -45,7 +78,9 @@ def _decode_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim] (written when not SPLIT_K)
     part_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] float32 (written when SPLIT_K)
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] float32, base-2 log-sum-exp
-    qk_scale,  # scale * log2(e)
+    qk_scale,  # scale * log2(e); scale / soft_cap with SOFT_CAP
+    cap_scale,  # soft_cap * log2(e) (used with SOFT_CAP only)
+    window,  # sliding window in tokens (used with SLIDING only)
     num_splits,  # a run-time value, so batch sizes do not each compile a new kernel
     stride_qs, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -59,6 +94,8 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two >= 16
     BLOCK_N: tl.constexpr,  # context tokens per step
     SPLIT_K: tl.constexpr,  # num_splits > 1: write partial results for the reduce kernel
+    SLIDING: tl.constexpr,  # only the last `window` positions are visible
+    SOFT_CAP: tl.constexpr,  # scores soft-capped with tanh
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -66,9 +103,13 @@ def _decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    if SLIDING:  # the query (position seq_len - 1) sees seq_len - window .. seq_len - 1
+        lo = tl.maximum(seq_len - window, 0)
+    else:
+        lo = 0
     # equal chunks of whole BLOCK_N steps; trailing splits of a short sequence may be empty
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    split_len = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -99,7 +140,7 @@ def _decode_kernel(
             v_cache_ptr + (block * stride_vb + in_block * stride_vt + kv_head * stride_vh)[:, None] + offs_d[None, :],
             mask=kv_mask, other=0.0,
         ).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-        s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # [BLOCK_H, BLOCK_N]
+        s = scaled_scores(dot(q, tl.trans(k), PRECISION, UPCAST), qk_scale, cap_scale, SOFT_CAP)  # [BLOCK_H, BLOCK_N]
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: each step has a valid position
         alpha = tl.exp2(m_i - m_new)
@@ -178,8 +219,12 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    *,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """``paged_attention_decode`` with its launch knobs exposed (tests and benchmarks set them)."""
+    sliding_window, logits_soft_cap = check_attention_options(sliding_window, logits_soft_cap)
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     check_attention_shapes(query, k_cache, v_cache)
@@ -198,6 +243,8 @@ def decode_attention(
         block_n = 64 if block_d <= 128 and query.dtype != torch.float32 else 32
     if num_splits is None:
         max_context = block_tables.shape[1] * block_size
+        if sliding_window is not None:  # the splits cut only the window
+            max_context = min(max_context, sliding_window)
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, block_n, device_sms(query.device))
     precision, upcast = dot_settings(query.dtype)
     if num_splits > 1:
@@ -207,7 +254,7 @@ def decode_attention(
         part_out = part_lse = out  # unused
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
-        float(scale) * LOG2E, num_splits,
+        *score_scales(scale, logits_soft_cap), sliding_window or 0, num_splits,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -215,6 +262,7 @@ def decode_attention(
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, SPLIT_K=num_splits > 1,
+        SLIDING=sliding_window is not None, SOFT_CAP=logits_soft_cap is not None,
         PRECISION=precision, UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -15,6 +15,15 @@ Work split (grid ``[num_q_blocks, num_kv_heads]``, no device sync needed to size
 - The key loop stops at the last position any row of the block may see (causality), so a
   program's work grows with its position, never with the full padded length; tiles every row sees
   in full skip the causal and bounds masks, only the diagonal tiles apply them.
+
+Options (compile-time flags, so the plain kernel is unchanged; semantics in ``attention_masks``):
+
+- ``sliding_window`` ``W``: the key loop starts at the tile holding the block's first row's window
+  start (tiles wholly before it are skipped, so a query costs O(W + BLOCK_Q), not O(position)). The
+  leading tiles that some rows see only in part apply the window mask, then come the unmasked
+  tiles, then the diagonal ones (causal and window masks). A row may see nothing in a masked tile,
+  so those steps keep the running max finite (the usual ``m == -inf`` guard).
+- ``logits_soft_cap`` ``c``: ``c * tanh(s / c)`` on the natural-log score ``s``, then base 2.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pageant.kernels.attention_decode import score_scales, scaled_scores
+from pageant.kernels.attention_masks import check_attention_options
 from pageant.kernels.triton_utils import (
     check_attention_shapes,
     check_device,
@@ -55,9 +66,11 @@ def _attend_tile(
     q,  # [BLOCK_M, BLOCK_D]
     acc, m_i, l_i,  # [BLOCK_M, BLOCK_D], [BLOCK_M], [BLOCK_M] float32 running output, max, sum
     n0, kv_end, q_pos, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt,
-    offs_d, mask_d, qk_scale,
+    offs_d, mask_d, qk_scale, cap_scale, window,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,  # mask keys past each row's position and past kv_end
+    WINDOW: tl.constexpr,  # mask keys at or before each row's position - window (CAUSAL tiles only)
+    SOFT_CAP: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One online-softmax step over keys ``n0 .. n0 + BLOCK_N`` read through the block table."""
@@ -78,11 +91,16 @@ def _attend_tile(
     else:
         k = tl.load(k_ptrs).to(q.dtype)
         v = tl.load(v_ptrs).to(q.dtype)
-    s = dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
+    s = scaled_scores(dot(q, tl.trans(k), PRECISION, UPCAST), qk_scale, cap_scale, SOFT_CAP)  # [BLOCK_M, BLOCK_N]
     if CAUSAL:
-        s = tl.where(mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
-    # key 0 is visible to every row, so after the first step m_new is finite for each row
+        visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if WINDOW:
+            visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+    # without a window key 0 is visible to every row, so after the first step m_new is finite
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if WINDOW:  # a row that has seen no key yet: m_new is -inf, subtract 0 instead (p = alpha = 0)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])  # [BLOCK_M, BLOCK_N]
     l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -90,7 +108,7 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])
 def _prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -99,7 +117,9 @@ def _prefill_kernel(
     query_start_loc_ptr,  # [num_seqs + 1] int32
     seq_lens_ptr,  # [num_seqs] int32
     out_ptr,  # [num_tokens, num_heads, head_dim]
-    qk_scale,  # scale * log2(e)
+    qk_scale,  # scale * log2(e); scale / soft_cap with SOFT_CAP
+    cap_scale,  # soft_cap * log2(e) (used with SOFT_CAP only)
+    window,  # sliding window in tokens (used with SLIDING only)
     num_seqs,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -113,6 +133,8 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,  # rows per program: BLOCK_Q * GROUP, padded to a power of two
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,  # keys per step
+    SLIDING: tl.constexpr,  # each query sees only the last `window` positions
+    SOFT_CAP: tl.constexpr,  # scores soft-capped with tanh
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -132,6 +154,8 @@ def _prefill_kernel(
     q_idx = first_q + offs_m // GROUP  # [BLOCK_M] query index within the sequence
     heads = kv_head * GROUP + offs_m % GROUP  # [BLOCK_M]
     mask_m = (offs_m < BLOCK_Q * GROUP) & (q_idx < q_len)
+    if SLIDING:  # padding rows copy the block's last query, so that every row sees some key
+        q_idx = tl.minimum(q_idx, tl.minimum(q_len, first_q + BLOCK_Q) - 1)
     q_pos = context_len + q_idx  # [BLOCK_M] absolute positions
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
@@ -149,17 +173,32 @@ def _prefill_kernel(
     v_base = v_cache_ptr + kv_head * stride_vh
     # keys every row of the block sees (below its first query's position): no masks needed
     full_end = (context_len + first_q + 1) // BLOCK_N * BLOCK_N
-    for n0 in range(0, full_end, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(
-            q, acc, m_i, l_i, n0, full_end, q_pos, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt,
-            offs_d, mask_d, qk_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, False, PRECISION, UPCAST,
-        )
     # the diagonal: keys up to the block's last query position (and never past the sequence)
     kv_end = tl.minimum(context_len + first_q + BLOCK_Q, seq_len)
+    if SLIDING:
+        # tiles before the first row's window start are skipped; those before the last row's window
+        # start (but below full_end) are seen in part: window-masked, before the unmasked ones
+        first_tile = tl.maximum(context_len + first_q - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_start = tl.minimum(tl.cdiv(tl.maximum(kv_end - window, 0), BLOCK_N) * BLOCK_N, full_end)
+        for n0 in range(first_tile, full_start, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, acc, m_i, l_i, n0, kv_end, q_pos, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt,
+                offs_d, mask_d, qk_scale, cap_scale, window, HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N,
+                True, True, SOFT_CAP, PRECISION, UPCAST,
+            )
+    else:
+        full_start = 0
+    for n0 in range(full_start, full_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, acc, m_i, l_i, n0, full_end, q_pos, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt,
+            offs_d, mask_d, qk_scale, cap_scale, window, HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N,
+            False, False, SOFT_CAP, PRECISION, UPCAST,
+        )
     for n0 in range(full_end, kv_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, acc, m_i, l_i, n0, kv_end, q_pos, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt,
-            offs_d, mask_d, qk_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, True, PRECISION, UPCAST,
+            offs_d, mask_d, qk_scale, cap_scale, window, HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N,
+            True, SLIDING, SOFT_CAP, PRECISION, UPCAST,
         )
 
     result = acc / l_i[:, None]
@@ -179,8 +218,12 @@ def prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
+    *,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """``paged_attention_prefill`` with its launch knobs exposed (tests and benchmarks set them)."""
+    sliding_window, logits_soft_cap = check_attention_options(sliding_window, logits_soft_cap)
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -210,7 +253,7 @@ def prefill_attention(
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
-        float(scale) * LOG2E, num_seqs,
+        *score_scales(scale, logits_soft_cap), sliding_window or 0, num_seqs,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -218,6 +261,7 @@ def prefill_attention(
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
+        SLIDING=sliding_window is not None, SOFT_CAP=logits_soft_cap is not None,
         PRECISION=precision, UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages,
     )

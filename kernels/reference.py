@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pageant.kernels.attention_masks import check_attention_options, visible_keys
+from pageant.kernels.moe_reference import fused_moe, select_experts  # noqa: F401
+
 
 def reshape_and_cache(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -59,6 +62,22 @@ def _decode_groups(lens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
     return order, spans
 
 
+def _attend_explicit(
+    q: torch.Tensor,  # [..., m, head_dim]
+    k: torch.Tensor,  # [..., t, head_dim]
+    v: torch.Tensor,  # [..., t, head_dim]
+    allowed: torch.Tensor,  # bool, broadcastable to [..., m, t]
+    scale: float,
+    logits_soft_cap: float | None,
+) -> torch.Tensor:  # [..., m, head_dim] float32
+    """Attention spelled out in float32, as transformers' eager attention (the windowed or capped path)."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [..., m, t]
+    if logits_soft_cap is not None:
+        scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
+    scores = scores.masked_fill(~allowed, float("-inf"))  # every row keeps its own position
+    return torch.matmul(torch.softmax(scores, dim=-1), v.float())
+
+
 def _decode_dense(
     query: torch.Tensor,  # [num_seqs, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -67,6 +86,8 @@ def _decode_dense(
     seq_lens: torch.Tensor,  # [num_seqs] int32
     max_seq_len: int,
     scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     num_seqs, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -78,6 +99,12 @@ def _decode_dense(
     # the `group` query heads sharing a KV head act as `group` query rows of that head
     q = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [s, kvh, g, d]
     positions = torch.arange(num_ctx, device=query.device)  # [t]
+    if sliding_window is not None or logits_soft_cap is not None:
+        # the query sits at position seq_len - 1: padding positions lie past it, masked as causal
+        q_pos = (seq_lens.to(positions.dtype) - 1)[:, None]  # [s, 1]
+        allowed = visible_keys(q_pos, positions, sliding_window)  # [s, 1, t]
+        out = _attend_explicit(q, k, v, allowed[:, None], scale, logits_soft_cap)  # [s, kvh, g, d]
+        return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
     allowed = positions[None, :] < seq_lens[:, None].to(positions.dtype)  # [s, t]
     q, k, v = q.float(), k.float(), v.float()  # float32 math, as before (no-ops on float32)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :], scale=scale)  # [s, kvh, g, d]
@@ -91,13 +118,19 @@ def paged_attention_decode(
     block_tables: torch.Tensor,  # [num_seqs, max_num_blocks_per_seq] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32: cached tokens, the query's own included
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """One query token per sequence attending to its whole cached context (GQA aware).
 
     Sequences are grouped by context length (see ``_decode_groups``); each group gathers its pages
     once and runs one masked SDPA, padded only to the group's longest context. A sequence with
-    ``seq_len`` 0 gets zeros (as the Triton kernel does for padding rows).
+    ``seq_len`` 0 gets zeros (as the Triton kernel does for padding rows). ``sliding_window`` and
+    ``logits_soft_cap`` (see ``pageant.kernels.attention_masks``) switch to explicit float32 scores.
     """
+    sliding_window, logits_soft_cap = check_attention_options(sliding_window, logits_soft_cap)
+    options = {"sliding_window": sliding_window, "logits_soft_cap": logits_soft_cap}
     num_seqs = query.shape[0]
     if num_seqs == 0:
         return query.new_empty(query.shape)
@@ -108,14 +141,14 @@ def paged_attention_decode(
         if live:
             rows = torch.tensor(live, device=query.device)
             out[rows] = paged_attention_decode(query[rows], k_cache, v_cache, block_tables[rows],
-                                               seq_lens[rows], scale)
+                                               seq_lens[rows], scale, **options)
         return out
     order, spans = _decode_groups(lens)
     if len(spans) == 1:
-        return _decode_dense(query, k_cache, v_cache, block_tables, seq_lens, lens[order[0]], scale)
+        return _decode_dense(query, k_cache, v_cache, block_tables, seq_lens, lens[order[0]], scale, **options)
     perm = torch.tensor(order, device=query.device)
     q, tables, sorted_lens = query.index_select(0, perm), block_tables.index_select(0, perm), seq_lens.index_select(0, perm)
-    parts = [_decode_dense(q[a:b], k_cache, v_cache, tables[a:b], sorted_lens[a:b], lens[order[a]], scale)
+    parts = [_decode_dense(q[a:b], k_cache, v_cache, tables[a:b], sorted_lens[a:b], lens[order[a]], scale, **options)
              for a, b in spans]
     return torch.empty_like(query).index_copy_(0, perm, torch.cat(parts))
 
@@ -128,8 +161,17 @@ def paged_attention_prefill(
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32: cumulative query lengths, starts at 0
     seq_lens: torch.Tensor,  # [num_seqs] int32: context length after this step (cached + new)
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Many query tokens per sequence: causal attention over cached prefix pages plus new tokens."""
+    """Many query tokens per sequence: causal attention over cached prefix pages plus new tokens.
+
+    With ``sliding_window`` or ``logits_soft_cap`` (see ``pageant.kernels.attention_masks``) the
+    scores are explicit float32 and only the pages from the first query's window start are read.
+    """
+    sliding_window, logits_soft_cap = check_attention_options(sliding_window, logits_soft_cap)
+    explicit = sliding_window is not None or logits_soft_cap is not None
     num_tokens, num_heads, head_dim = query.shape
     out = torch.empty_like(query)
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -142,14 +184,20 @@ def paged_attention_prefill(
         if q_len == 0:
             continue
         nb = (seq_len + block_size - 1) // block_size
-        k = _gather_context(k_cache, block_tables[i : i + 1, :nb])[0, :seq_len]  # [t, kvh, d]
-        v = _gather_context(v_cache, block_tables[i : i + 1, :nb])[0, :seq_len]
+        # pages before the first query's window hold no visible key: skip them (b0 = 0 without a window)
+        b0 = 0 if sliding_window is None else max(0, seq_len - q_len - sliding_window + 1) // block_size
+        k = _gather_context(k_cache, block_tables[i : i + 1, b0:nb])[0, : seq_len - b0 * block_size]  # [t, kvh, d]
+        v = _gather_context(v_cache, block_tables[i : i + 1, b0:nb])[0, : seq_len - b0 * block_size]
         q = query[q_start:q_end].transpose(0, 1)  # [h, q_len, d]
         k = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [h, t, d]
         v = v.transpose(0, 1).repeat_interleave(group, dim=0)
         # query j sits at position seq_len - q_len + j and sees keys 0 ..= that position
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)  # [q_len]
-        k_pos = torch.arange(seq_len, device=query.device)  # [t]
+        k_pos = torch.arange(b0 * block_size, seq_len, device=query.device)  # [t]
+        if explicit:  # ... and only the last sliding_window of them
+            o = _attend_explicit(q, k, v, visible_keys(q_pos, k_pos, sliding_window), scale, logits_soft_cap)
+            out[q_start:q_end] = o.transpose(0, 1).to(out.dtype)  # [q_len, h, d]
+            continue
         allowed = k_pos[None, :] <= q_pos[:, None]  # [q_len, t]
         o = F.scaled_dot_product_attention(
             q.unsqueeze(0), k.unsqueeze(0).to(q.dtype), v.unsqueeze(0).to(q.dtype),

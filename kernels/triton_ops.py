@@ -20,6 +20,7 @@ import torch
 from pageant.kernels.attention_decode import decode_attention
 from pageant.kernels.attention_prefill import prefill_attention
 from pageant.kernels.cache_ops import reshape_and_cache
+from pageant.kernels.moe import fused_moe, select_experts
 from pageant.kernels.norm_ops import fused_add_rms_norm, rms_norm
 from pageant.kernels.rotary_ops import rotary_embedding
 
@@ -30,6 +31,8 @@ __all__ = [
     "rms_norm",
     "fused_add_rms_norm",
     "rotary_embedding",
+    "fused_moe",
+    "select_experts",
 ]
 
 
@@ -40,9 +43,14 @@ def paged_attention_decode(
     block_tables: torch.Tensor,  # [num_seqs, max_num_blocks_per_seq] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32: cached tokens, the query's own included
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
-    """One query token per sequence attending to its whole cached context (GQA aware)."""
-    return decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale)
+    """One query token per sequence attending to its whole cached context (GQA aware), or to its
+    last ``sliding_window`` positions; scores soft-capped by ``logits_soft_cap`` (see ``attention_masks``)."""
+    return decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale,
+                            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
 
 
 def paged_attention_prefill(
@@ -53,6 +61,11 @@ def paged_attention_prefill(
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32: cumulative query lengths, starts at 0
     seq_lens: torch.Tensor,  # [num_seqs] int32: context length after this step (cached + new)
     scale: float,
+    *,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Many query tokens per sequence: causal attention over cached prefix pages plus new tokens."""
-    return prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+    """Many query tokens per sequence: causal attention over cached prefix pages plus new tokens,
+    optionally windowed and soft-capped (``sliding_window``, ``logits_soft_cap``: see ``attention_masks``)."""
+    return prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                             sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)

@@ -79,9 +79,14 @@ class FusedMoE(nn.Module):
         dtype = params_dtype or torch.get_default_dtype()
         self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * part, hidden_size, dtype=dtype), requires_grad=False)
         self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, part, dtype=dtype), requires_grad=False)
-        for param, shards in ((self.w13_weight, ("w1", "w3")), (self.w2_weight, ("w2",))):
+        for param in (self.w13_weight, self.w2_weight):  # for callers holding only the parameter
             param.weight_loader = self.weight_loader
-            param.shard_ids = shards  # per expert; or one fused "w13" / "w2" tensor for all experts
+
+    def shard_ids(self, param_name: str) -> tuple[tuple[int, str], ...]:
+        """The ``(expert_id, shard_id)`` pieces a complete checkpoint fills into ``param_name``
+        (the engine's loader checks every one arrived; a fused tensor fills all of them)."""
+        shards = ("w1", "w3") if param_name == "w13_weight" else ("w2",)
+        return tuple((e, s) for e in range(self.num_experts) for s in shards)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
@@ -121,16 +126,19 @@ class FusedMoE(nn.Module):
         if tuple(loaded.shape) != expected:
             raise ValueError(f"{what}: checkpoint tensor has shape {tuple(loaded.shape)}, expected {expected}")
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, expert_id: int | None,
-                      shard_id: str) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, expert_id: int | None = None,
+                      shard_id: str | None = None) -> None:
         """Copy a checkpoint tensor (full, unsharded) into this rank's part of ``param``.
 
+        ``shard_id`` None with ``expert_id`` None: the fused tensor of ``param`` ("w13" or "w2").
         Per expert (``expert_id`` an int): "w1" gate ``[I, H]`` and "w3" up ``[I, H]`` into
         ``w13_weight``, "w2" down ``[H, I]`` into ``w2_weight``. All experts (``expert_id=None``):
         "w13" ``[E, 2I, H]`` (gate rows then up rows) and "w2" ``[E, H, I]``. ValueError otherwise.
         """
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         part = self.intermediate_size_per_partition
+        if shard_id is None and expert_id is None:
+            shard_id = "w13" if param is self.w13_weight else "w2"
         target = self.w13_weight if shard_id in ("w1", "w3", "w13") else self.w2_weight
         if shard_id not in _EXPERT_SHARDS + _FUSED_SHARDS:
             raise ValueError(f"unknown shard_id {shard_id!r}; expected one of {_EXPERT_SHARDS} or {_FUSED_SHARDS}")

@@ -57,7 +57,10 @@ def load_stacked(
         owner = modules[target.rpartition(".")[0]]
         loader = getattr(owner, "weight_loader", _default_loader)
         try:
-            loader(param, tensor, shard) if shard is not None else loader(param, tensor)
+            if shard is None:
+                loader(param, tensor)
+            else:  # a tuple shard (MoE: expert id, shard id) spreads over the loader's arguments
+                loader(param, tensor, *shard) if isinstance(shard, tuple) else loader(param, tensor, shard)
         except ValueError as exc:
             raise ValueError(f"weight {name!r}: {exc}") from None
         shard_ids = _shard_ids(owner, target)
