@@ -16,7 +16,7 @@ from torch import nn
 from pageant.engine.adapters.spec import LLAMA_LORA, LoRAModelSpec
 from pageant.engine.attention import AttentionMetadata
 from pageant.engine.config import ModelConfig, common_fields
-from pageant.engine.layers.activation import SiluAndMul
+from pageant.engine.layers.activation import ActAndMul
 from pageant.engine.layers.attention import Attention
 from pageant.engine.layers.layernorm import RMSNorm
 from pageant.engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -35,7 +35,7 @@ def layer_windows(hf: dict[str, Any], window: int | None) -> tuple[int | None, .
     return tuple(window if t == "sliding_attention" else None for t in types)
 
 
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+def config_from_hf(hf: dict[str, Any], family: str = "llama") -> ModelConfig:
     arch = architecture_of(hf)
     qwen2, qwen3 = arch == "Qwen2ForCausalLM", arch == "Qwen3ForCausalLM"
     window = hf.get("sliding_window")
@@ -45,12 +45,15 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         window = None
     bias = bool(hf.get("attention_bias", False))
     return ModelConfig(**common_fields(
-        hf, "llama", qkv_bias=bias or qwen2, o_bias=bias and not qwen2, mlp_bias=bool(hf.get("mlp_bias", False)),
+        hf, family, qkv_bias=bias or qwen2, o_bias=bias and not qwen2, mlp_bias=bool(hf.get("mlp_bias", False)),
         qk_norm=qwen3, layer_sliding_windows=layer_windows(hf, window),
     ))
 
 
 class LlamaAttention(nn.Module):
+    """q/k/v in one matmul, optional per-head q/k norm, rotary, paged attention, o_proj. The scale,
+    window and soft cap come from the config (Gemma 2 reuses this class)."""
+
     def __init__(self, cfg: ModelConfig, layer: int, ops: ModuleType, rotary: RotaryEmbedding,
                  parallel: ParallelState):
         super().__init__()
@@ -61,8 +64,10 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj
         self.q_size, self.kv_size, self.head_dim = qkv.q_size, qkv.kv_size, cfg.head_dim
         self.rotary_emb = rotary
-        self.attn = Attention(qkv.num_heads, cfg.head_dim, cfg.head_dim**-0.5, qkv.num_kv_heads, ops,
-                              sliding_window=cfg.layer_sliding_windows[layer])
+        scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        self.attn = Attention(qkv.num_heads, cfg.head_dim, scale, qkv.num_kv_heads, ops,
+                              sliding_window=cfg.layer_sliding_windows[layer],
+                              logits_soft_cap=cfg.attn_logit_softcapping)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
 
@@ -77,7 +82,7 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))`` with gate and up merged."""
+    """Gated MLP ``down(act(gate(x)) * up(x))`` with gate and up merged (SwiGLU; GeGLU for Gemma)."""
 
     def __init__(self, cfg: ModelConfig, parallel: ParallelState):
         super().__init__()
@@ -85,7 +90,7 @@ class LlamaMLP(nn.Module):
                                                        bias=cfg.mlp_bias, parallel=parallel)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias,
                                            parallel=parallel)
-        self.act_fn = SiluAndMul()
+        self.act_fn = ActAndMul(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden] -> same
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))

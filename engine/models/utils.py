@@ -32,8 +32,8 @@ def load_stacked(
 ) -> set[str]:
     """Load ``(checkpoint name, tensor)`` pairs into ``model``; returns the keys filled.
 
-    ``rename(name, tensor)`` may return a new ``(name, tensor)`` (our naming, a re-laid tensor) or
-    ``SKIP``. A name that matches no parameter, or a tensor that does not fit, raises ``ValueError``.
+    ``rename(name, tensor)`` may return a new ``(name, tensor)`` (our naming, a re-laid tensor), a
+    ``(parameter name, tensor, shard_id)`` that bypasses ``stacked``, or ``SKIP``. A name that matches no parameter, or a tensor that does not fit, raises ``ValueError``.
     """
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
@@ -41,16 +41,20 @@ def load_stacked(
     for name, tensor in weights:
         if "rotary_emb.inv_freq" in name or name.endswith((".masked_bias", ".attn.bias")):
             continue
+        given: list = []
         if rename is not None:
             renamed = rename(name, tensor)
             if renamed is SKIP:
                 continue
-            name, tensor = renamed
+            name, tensor, *given = renamed  # a 3-tuple also names the parameter's shard
         target, shard = name, None
-        for ours, theirs, shard_id in stacked:
-            if f".{theirs}." in name:
-                target, shard = name.replace(f".{theirs}.", f".{ours}."), shard_id
-                break
+        if given:
+            shard = given[0]
+        else:
+            for ours, theirs, shard_id in stacked:
+                if f".{theirs}." in name:
+                    target, shard = name.replace(f".{theirs}.", f".{ours}."), shard_id
+                    break
         param = params.get(target)
         if param is None:
             raise ValueError(f"unexpected weight {name!r} (no parameter {target!r} in the model)")
