@@ -10,7 +10,13 @@ import pytest
 
 from pageant.engine import LLM, SamplingParams
 
-FAMILIES = ["gpt_neox", "falcon", "falcon7b", "mixtral", "gemma2", "phi3"]
+FAMILIES = {
+    "gpt_neox": {}, "gpt_neox_sequential": {"use_parallel_residual": False},
+    "falcon": {}, "falcon7b": {}, "falcon_rw": {"multi_query": False, "parallel_attn": False, "bias": True},
+    "mixtral": {}, "gemma2": {}, "phi3": {},
+    # a window well inside the prompts: every layer attends its last 16 positions only
+    "mistral_window": {"sliding_window": 16},
+}
 MAX_NEW = 12
 
 
@@ -37,9 +43,10 @@ def assert_all_blocks_free(llm: LLM) -> None:
     assert stats["num_requests_running"] == stats["num_requests_waiting"] == 0
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
-def test_family_matches_transformers(make_checkpoint, hf_greedy, arch):
-    path = make_checkpoint(arch)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_matches_transformers(make_checkpoint, hf_greedy, name):
+    arch = {"gpt_neox_sequential": "gpt_neox", "falcon_rw": "falcon7b", "mistral_window": "mistral"}.get(name, name)
+    path = make_checkpoint(arch, **FAMILIES[name])
     prompts = mixed_prompts(32)
     expected = hf_greedy(path, prompts, MAX_NEW)
 
