@@ -309,12 +309,15 @@ def test_vocab_two_ranks_pick_rows_and_pad(vocab):
     for r, ps in enumerate(two_ranks()):
         emb = VocabParallelEmbedding(vocab, dim, parallel=ps)
         assert emb.num_embeddings_per_partition == per and emb.vocab_start == r * per
+        emb.weight.data.fill_(7.0)  # stale memory: the loader must zero the padding rows itself
         emb.weight_loader(emb.weight, w)
         real = min(vocab, (r + 1) * per) - r * per
         assert torch.equal(emb.weight[:real], w[r * per : r * per + real])
         assert torch.all(emb.weight[real:] == 0)  # padding rows (vocab not divisible by tp) are zero
         shards.append(emb.weight)
         head = ParallelLMHead(vocab, dim, bias=True, parallel=ps)
+        head.weight.data.fill_(7.0)
+        head.bias.data.fill_(7.0)
         head.weight_loader(head.weight, w)
         head.weight_loader(head.bias, b)
         assert torch.equal(head.weight, emb.weight)
