@@ -8,7 +8,7 @@ layer from the config.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -97,11 +97,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention then ``mlp`` (a ``LlamaMLP``, or Mixtral's sparse MoE block)."""
+
     def __init__(self, cfg: ModelConfig, layer: int, ops: ModuleType, rotary: RotaryEmbedding,
-                 parallel: ParallelState):
+                 parallel: ParallelState, mlp: nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, layer, ops, rotary, parallel)
-        self.mlp = LlamaMLP(cfg, parallel)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
@@ -117,12 +119,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: ModuleType, max_position: int, parallel: ParallelState):
+    def __init__(self, cfg: ModelConfig, ops: ModuleType, max_position: int, parallel: ParallelState,
+                 make_mlp: Callable[[], nn.Module]):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel=parallel)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_dim or cfg.head_dim, max_position, cfg.rope, ops,
                                  max_position_embeddings=cfg.max_position_embeddings)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, ops, rotary, parallel) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, ops, rotary, parallel, make_mlp())
+                                    for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
     def forward(self, input_ids, positions, kv_cache, md) -> torch.Tensor:
@@ -142,9 +146,13 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, config: ModelConfig, ops: ModuleType, max_position: int, parallel: ParallelState = SINGLE):
         super().__init__(config, ops, max_position, parallel)
-        self.model = LlamaModel(config, ops, max_position, parallel)
+        self.model = LlamaModel(config, ops, max_position, parallel, self.make_mlp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, parallel=parallel)
         self.tie_weights()
+
+    def make_mlp(self) -> nn.Module:
+        """One layer's feed-forward block (Mixtral overrides it with its MoE)."""
+        return LlamaMLP(self.config, self.parallel)
 
     def forward(self, input_ids: torch.Tensor,  # [num_tokens] int64
                 positions: torch.Tensor,  # [num_tokens] int64

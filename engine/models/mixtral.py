@@ -18,16 +18,11 @@ import torch
 from torch import nn
 
 from pageant.engine.adapters.spec import LLAMA_LORA, LoRALayout, LoRAModelSpec
-from pageant.engine.attention import AttentionMetadata
 from pageant.engine.config import ModelConfig, common_fields
-from pageant.engine.layers.layernorm import RMSNorm
 from pageant.engine.layers.linear import ReplicatedLinear
 from pageant.engine.layers.moe import FusedMoE
-from pageant.engine.layers.parallel import SINGLE, ParallelState
-from pageant.engine.layers.rotary import RotaryEmbedding
-from pageant.engine.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
-from pageant.engine.models.base import CausalLM
-from pageant.engine.models.llama import LlamaAttention, LlamaForCausalLM, layer_windows
+from pageant.engine.layers.parallel import ParallelState
+from pageant.engine.models.llama import LlamaForCausalLM, layer_windows
 
 _EXPERT = re.compile(r"^(.*)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
 _FUSED = re.compile(r"^(.*)\.mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -54,41 +49,6 @@ class MixtralMoE(nn.Module):
         return self.experts(x, self.gate(x))  # router logits [num_tokens, num_experts]
 
 
-class MixtralDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, ops: ModuleType, rotary: RotaryEmbedding,
-                 parallel: ParallelState):
-        super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer, ops, rotary, parallel)
-        self.block_sparse_moe = MixtralMoE(cfg, ops, parallel)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-
-    def forward(self, positions, x, residual, kv_cache, md):
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, kv_cache, md)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.block_sparse_moe(x), residual
-
-
-class MixtralModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: ModuleType, max_position: int, parallel: ParallelState):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel=parallel)
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_dim or cfg.head_dim, max_position, cfg.rope, ops,
-                                 max_position_embeddings=cfg.max_position_embeddings)
-        self.layers = nn.ModuleList(MixtralDecoderLayer(cfg, i, ops, rotary, parallel) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-
-    def forward(self, input_ids, positions, kv_cache, md) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden]
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(positions, x, residual, kv_cache[i], md)
-        return self.norm(x, residual)[0]
-
-
 MIXTRAL_LORA = LoRALayout(
     layer_prefix="model.layers",
     parents=LLAMA_LORA.parents[:4],
@@ -98,29 +58,23 @@ MIXTRAL_LORA = LoRALayout(
 )
 
 
-class MixtralForCausalLM(CausalLM):
-    """Checkpoint names ``model.layers.N.block_sparse_moe.{gate, experts.E.w1|w2|w3}`` (or fused)."""
+class MixtralForCausalLM(LlamaForCausalLM):
+    """Checkpoint names ``model.layers.N.block_sparse_moe.{gate, experts.E.w1|w2|w3}`` (or fused
+    ``mlp.experts.*``); ours are ``model.layers.N.mlp.{gate, experts}``."""
 
     stacked = LlamaForCausalLM.stacked[:3]  # q/k/v; the experts are renamed below
 
-    def __init__(self, config: ModelConfig, ops: ModuleType, max_position: int, parallel: ParallelState = SINGLE):
-        super().__init__(config, ops, max_position, parallel)
-        self.model = MixtralModel(config, ops, max_position, parallel)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, parallel=parallel)
-        self.tie_weights()
+    def make_mlp(self) -> nn.Module:
+        return MixtralMoE(self.config, self.ops, self.parallel)
 
     def rename(self, name: str, tensor: torch.Tensor):
         if m := _EXPERT.match(name):  # one expert's gate (w1), down (w2) or up (w3) projection
             param = "w2_weight" if m[3] == "w2" else "w13_weight"
-            return f"{m[1]}.block_sparse_moe.experts.{param}", tensor, (int(m[2]), m[3])
+            return f"{m[1]}.mlp.experts.{param}", tensor, (int(m[2]), m[3])
         if m := _FUSED.match(name):  # all experts at once; the loader infers "w13" / "w2" from the parameter
             param = "w13_weight" if m[2] == "gate_up_proj" else "w2_weight"
-            return f"{m[1]}.block_sparse_moe.experts.{param}", tensor
-        return name.replace(".mlp.gate.", ".block_sparse_moe.gate."), tensor
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                md: AttentionMetadata) -> torch.Tensor:  # [num_tokens] ids -> [num_tokens, hidden]
-        return self.model(input_ids, positions, kv_cache, md)
+            return f"{m[1]}.mlp.experts.{param}", tensor
+        return name.replace(".block_sparse_moe.gate.", ".mlp.gate."), tensor
 
     @staticmethod
     def lora_spec(cfg: ModelConfig) -> LoRAModelSpec:

@@ -1,0 +1,153 @@
+"""Sparse MoE vs dense: a Mixtral-shaped model against a Llama with the same *active* parameters.
+
+Both models have the same attention, width and depth. The MoE layer has ``--experts`` SwiGLU
+experts of intermediate size ``I`` and routes each token to ``--top-k`` of them; the dense model's
+MLP has intermediate size ``top_k * I``, so every token multiplies by the same number of weights.
+The MoE model holds ``experts / top_k`` times the MLP weights. Greedy, ``ignore_eos``, the same
+prompts; the two models interleaved in every round, the best of ``--repeats`` rounds kept.
+
+On the CPU (1 torch thread by default) throughput is output tokens per CPU-second of this
+process (other processes on a shared machine skew it less); wall-clock figures are kept too. On
+the CPU the experts run the PyTorch reference (``pageant.kernels.moe_reference``), on CUDA the
+Triton grouped GEMM (``pageant.kernels.moe``).
+
+Writes ``benchmarks/results/moe-<device>-<utc time>.json`` and a PNG bar chart beside it.
+
+    python benchmarks/moe.py              # CPU, a few minutes on 2 cores
+    python benchmarks/moe.py --quick      # smaller model and batch
+    python benchmarks/moe.py --device cuda --hidden 2048 --layers 8 --num-prompts 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--expert-intermediate", type=int, default=704, help="each expert's intermediate size I")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs are timed in CPU seconds)")
+    p.add_argument("--quick", action="store_true", help="hidden 256, 2 layers, 16 prompts, 2 rounds")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.layers, args.num_prompts, args.repeats, args.expert_intermediate = 256, 2, 16, 2, 352
+    return args
+
+
+def build(tmp: pathlib.Path, args) -> dict[str, str]:
+    """The MoE checkpoint and its dense twin (same attention, MLP of top_k * I)."""
+    from pageant.engine.testing import build_checkpoint
+
+    heads = max(4, args.hidden // 64)
+    common = dict(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=heads,
+                  num_key_value_heads=heads // 2, max_position_embeddings=1024)
+    return {
+        "moe": str(build_checkpoint(tmp / "moe", arch="mixtral", intermediate_size=args.expert_intermediate,
+                                    num_local_experts=args.experts, num_experts_per_tok=args.top_k, **common)),
+        "dense": str(build_checkpoint(tmp / "dense", arch="llama", intermediate_size=args.top_k * args.expert_intermediate,
+                                      **common)),
+    }
+
+
+def count_params(llm) -> tuple[int, int]:
+    """(all parameters, parameters one token multiplies by) of an engine's model."""
+    model = llm.engine.runner.model
+    total = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    if not cfg.num_experts:
+        return total, total
+    expert = 3 * cfg.hidden_size * cfg.intermediate_size * cfg.num_layers
+    return total, total - (cfg.num_experts - cfg.num_experts_per_tok) * expert
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["runs"])
+    tps = [result["runs"][n]["tokens_per_s"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bars = ax.bar(names, tps, color=["#777", "#3a7"])
+    for bar, n in zip(bars, names):
+        run = result["runs"][n]
+        ax.annotate(f"{result['ratio_to_dense'][n]:.2f}x\n{run['active_params'] / 1e6:.1f}M active / "
+                    f"{run['total_params'] / 1e6:.1f}M", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    s = result["settings"]
+    ax.set_ylabel("output tokens / CPU-second" if result["timing"] == "cpu" else "output tokens / s")
+    ax.set_title(f"MoE ({s['experts']} experts, top {s['top_k']}) vs dense of equal active params\n"
+                 f"{result['device']}, hidden {s['hidden']}, {s['layers']} layers, {s['num_prompts']} prompts",
+                 fontsize=9)
+    ax.set_ylim(0, max(tps) * 1.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from tqdm.auto import tqdm
+
+    from pageant.engine import LLM, SamplingParams
+    from pageant.engine.bench.scripts import is_cuda, result_header, save_result, setup_device
+
+    setup_device(args.device, args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = build(pathlib.Path(tmp), args)
+        g = torch.Generator().manual_seed(0)
+        prompts = [{"prompt_token_ids": [1] + torch.randint(3, 500, (args.prompt_len - 1,), generator=g).tolist()}
+                   for _ in range(args.num_prompts)]
+        sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+        engines = {}
+        for name, path in paths.items():
+            llm = LLM(model=path, device=args.device, max_num_seqs=args.num_prompts, max_model_len=1024,
+                      max_num_batched_tokens=max(2048, args.num_prompts * args.prompt_len))
+            llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
+            engines[name] = llm
+        seconds = {n: [] for n in engines}
+        cpu_seconds = {n: [] for n in engines}
+        tokens = {}
+        for _ in tqdm(range(args.repeats), desc="rounds"):
+            for name, llm in engines.items():  # interleaved: load drift hits both alike
+                t0, c0 = time.perf_counter(), time.process_time()
+                outs = llm.generate(prompts, sp, use_tqdm=False)
+                seconds[name].append(time.perf_counter() - t0)
+                cpu_seconds[name].append(time.process_time() - c0)
+                tokens[name] = sum(len(o.outputs[0].token_ids) for o in outs)
+        runs = {}
+        for name, llm in engines.items():
+            best = min(seconds[name]) if is_cuda(args.device) else min(cpu_seconds[name])
+            total, active = count_params(llm)
+            runs[name] = {"wall_seconds": seconds[name], "cpu_seconds": cpu_seconds[name], "output_tokens": tokens[name],
+                          "tokens_per_s": tokens[name] / best, "wall_tokens_per_s": tokens[name] / min(seconds[name]),
+                          "total_params": total, "active_params": active}
+            print(f"{name:>6}: {runs[name]['tokens_per_s']:8.1f} output tokens/s, {active / 1e6:.1f}M active of "
+                  f"{total / 1e6:.1f}M parameters")
+        del engines
+    result = result_header("moe", args)
+    result["runs"] = runs
+    result["ratio_to_dense"] = {n: r["tokens_per_s"] / runs["dense"]["tokens_per_s"] for n, r in runs.items()}
+    path = save_result(result, args.out, "moe", args.device, lambda png: plot(result, png))
+    print(f"MoE / dense throughput: {result['ratio_to_dense']['moe']:.3f}; wrote {path} and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
