@@ -25,7 +25,6 @@ from pageant.engine.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from pageant.engine.layers.parallel import ParallelState
 from pageant.engine.layers.vocab_embedding import VocabParallelEmbedding
 from pageant.engine.models.utils import SKIP, expected_keys, load_stacked, per_head_to_blocks
 from pageant.kernels import get_ops
