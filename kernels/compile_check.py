@@ -32,7 +32,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pageant.kernels import attention_decode, attention_prefill, cache_ops, norm_ops, rotary_ops, triton_ops
+from pageant.kernels import attention_decode, attention_prefill, cache_ops, moe, norm_ops, rotary_ops, triton_ops
 
 KERNEL_MODULES = {
     attention_decode: ("_decode_kernel", "_decode_reduce_kernel"),
@@ -40,6 +40,7 @@ KERNEL_MODULES = {
     cache_ops: ("_reshape_and_cache_kernel",),
     norm_ops: ("_rms_norm_kernel",),
     rotary_ops: ("_rotary_kernel",),
+    moe: ("_moe_gemm_kernel",),
 }
 _TRITON_TYPES = {
     torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -170,7 +171,8 @@ def compile_launch(launch: Launch, arch: int = 90) -> CompiledLaunch:
 def standard_launches() -> list[Launch]:
     """The launches a Llama-3.1-8B-shaped model makes (32/8 heads, head_dim 128, hidden 4096), in
     bf16 and fp32 (attention in fp16 too), plus bf16 attention with head_dim 64, 80 (padded to
-    128) and 256; decode both with and without split-K."""
+    128) and 256; decode both with and without split-K; Gemma-2-shaped windowed, soft-capped
+    attention; Mixtral-8x7B-shaped MoE grouped GEMMs at decode and prefill batch sizes."""
     launches: list[Launch] = []
     for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
         for heads, kv_heads, head_dim in ((32, 8, 128), (32, 8, 64), (32, 8, 80), (8, 4, 256)):
@@ -202,6 +204,29 @@ def standard_launches() -> list[Launch]:
             triton_ops.rms_norm(x, torch.zeros(4096, dtype=dtype), 1e-5)
         with record_launches(launches, f"fused_add_rms_norm {tag} 4096"):
             triton_ops.fused_add_rms_norm(x, x, torch.zeros(4096, dtype=dtype), 1e-5)
+    launches += _gemma2_and_mixtral_launches()
+    return launches
+
+
+def _gemma2_and_mixtral_launches() -> list[Launch]:
+    """Gemma 2 9B attention (16/8 heads, head_dim 256, window 4096, soft cap 50) and Mixtral 8x7B
+    experts (8 of intermediate 14336, top 2, hidden 4096) at 4 and 512 tokens, in bf16."""
+    launches: list[Launch] = []
+    dtype, opts = torch.bfloat16, {"sliding_window": 4096, "logits_soft_cap": 50.0}
+    cache = torch.zeros(64, 16, 8, 256, dtype=dtype)
+    tables, lens = torch.zeros(4, 512, dtype=torch.int32), torch.full((4,), 1000, dtype=torch.int32)
+    with record_launches(launches, "decode window+cap bf16 h16/8 d256"):
+        triton_ops.paged_attention_decode(torch.zeros(4, 16, 256, dtype=dtype), cache, cache, tables, lens, 0.0625, **opts)
+    qsl = torch.tensor([0, 300, 301, 700, 1000], dtype=torch.int32)
+    with record_launches(launches, "prefill window+cap bf16 h16/8 d256"):
+        triton_ops.paged_attention_prefill(torch.zeros(1000, 16, 256, dtype=dtype), cache, cache, tables, qsl, lens,
+                                           0.0625, **opts)
+    # never read (launches are recorded, not run): empty, so the 2.8 GB of pages are never touched
+    w13, w2 = torch.empty(8, 2 * 14336, 4096, dtype=dtype), torch.empty(8, 4096, 14336, dtype=dtype)
+    for tokens in (4, 512):
+        ids = torch.arange(2 * tokens, dtype=torch.int32).reshape(tokens, 2) % 8
+        with record_launches(launches, f"moe bf16 8x14336 top2 t{tokens}"):
+            triton_ops.fused_moe(torch.zeros(tokens, 4096, dtype=dtype), w13, w2, torch.full((tokens, 2), 0.5), ids)
     return launches
 
 

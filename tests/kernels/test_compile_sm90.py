@@ -35,7 +35,7 @@ def test_every_kernel_compiles(compiled):
     kernels = {r["kernel"] for r in compiled}
     assert kernels == {
         "_decode_kernel", "_decode_reduce_kernel", "_prefill_kernel",
-        "_reshape_and_cache_kernel", "_rms_norm_kernel", "_rotary_kernel",
+        "_reshape_and_cache_kernel", "_rms_norm_kernel", "_rotary_kernel", "_moe_gemm_kernel",
     }
     assert len(compiled) >= 25
 
@@ -51,7 +51,7 @@ def test_global_loads_are_16_bytes_wide(compiled):
 
 
 def test_attention_runs_on_tensor_cores(compiled):
-    attention = [r for r in compiled if r["kernel"] in ("_decode_kernel", "_prefill_kernel")]
+    attention = [r for r in compiled if r["kernel"] in ("_decode_kernel", "_prefill_kernel", "_moe_gemm_kernel")]
     assert attention and all(r["tensor_core_ops"] > 0 for r in attention)
     # 16-bit prefill (every head size) uses Hopper's warpgroup MMA, not only the older mma.sync path
     prefill16 = [r for r in attention if r["label"].startswith(("prefill bf16", "prefill fp16"))]
