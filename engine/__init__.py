@@ -1,7 +1,7 @@
 """The inference engine: paged KV cache, continuous batching, OpenAI-compatible server.
 
 Public names: ``LLM`` (offline), ``LLMEngine`` (online, single-threaded), ``EngineConfig``,
-``SamplingParams``, the output dataclasses and the exceptions. Heavy modules (torch, the model
+``SamplingParams``, ``BeamSearchParams``, the output dataclasses and the exceptions. Heavy modules (torch, the model
 code) load lazily on first use of ``LLM``/``LLMEngine``/``EngineConfig``.
 """
 
@@ -21,6 +21,9 @@ __all__ = [
     "InvalidRequestError",
     "EngineStepError",
     "LoRARequest",
+    "BeamSearchParams",
+    "BeamSearchOutput",
+    "BeamSearchSequence",
 ]
 
 _LAZY = {
@@ -28,6 +31,9 @@ _LAZY = {
     "LLMEngine": "pageant.engine.engine",
     "EngineConfig": "pageant.engine.config",
     "LoRARequest": "pageant.engine.lora",
+    "BeamSearchParams": "pageant.engine.beam_search",
+    "BeamSearchOutput": "pageant.engine.beam_search",
+    "BeamSearchSequence": "pageant.engine.beam_search",
 }
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pageant.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from pageant.engine.config import EngineConfig
 from pageant.engine.engine import LLMEngine
 from pageant.engine.exceptions import InvalidRequestError
@@ -109,6 +110,53 @@ class LLM:
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+    def beam_search(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: BeamSearchParams,
+        lora_request: LoRARequest | None = None,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search for every prompt (see ``pageant.engine.beam_search``); per prompt, its
+        hypotheses best first, each with ``.tokens`` (prompt + generated), ``.text``, ``.cum_logprob``.
+        All live beams of all prompts run as one batch per step; enable prefix caching so beams share
+        their prefix blocks instead of re-prefilling them."""
+        if not isinstance(params, BeamSearchParams):
+            raise InvalidRequestError("params must be a BeamSearchParams")
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        eos, limit = self.engine.tokenizer.eos_token_ids, self.engine.config.max_model_len
+        searches = []
+        for prompt in prompts:
+            _, ids = self.engine._prompt_ids(prompt)
+            if not ids or len(ids) + params.max_tokens > limit:
+                raise InvalidRequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) must "
+                                          f"fit the model's context of {limit} tokens")
+            try:
+                searches.append(BeamSearch(ids, params, eos))
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc)) from None
+        with tqdm(total=params.max_tokens, desc="Beam search", unit="tok", disable=not use_tqdm, leave=False) as bar:
+            while not all(s.done for s in searches):
+                todo = [(s, beam) for s in searches if not s.done for beam in s.live()]
+                sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True,
+                                    logprobs=max(s.beams_to_keep for s, _ in todo))
+                outs = self.generate([{"prompt_token_ids": beam.tokens} for _, beam in todo], sp, use_tqdm=False,
+                                     lora_request=lora_request)
+                tops: dict[int, list[dict[int, float]]] = {}
+                for (search, _), out in zip(todo, outs):
+                    top = out.outputs[0].logprobs[0]
+                    best = sorted(top.items(), key=lambda kv: -kv[1].logprob)[: search.beams_to_keep]
+                    tops.setdefault(id(search), []).append({t: lp.logprob for t, lp in best})
+                for search in {id(s): s for s, _ in todo}.values():
+                    search.advance(tops[id(search)])
+                bar.update(1)
+        results = [s.output() for s in searches]
+        for result, search in zip(results, searches):
+            for seq in result.sequences:
+                seq.text = self.engine.tokenizer.decode(seq.tokens[search.num_prompt_tokens:])
+        return results
 
     def reset_prefix_cache(self) -> None:
         """Drop every prefix-cache entry."""

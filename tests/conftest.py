@@ -36,7 +36,7 @@ def make_checkpoint(tmp_path_factory):
     built: dict[tuple, str] = {}
 
     def make(arch: str = "llama", num_shards: int = 1, **overrides) -> str:
-        key = (arch, num_shards, tuple(sorted(overrides.items())))
+        key = (arch, num_shards, repr(sorted(overrides.items())))  # repr: list values (eos ids) too
         if key not in built:
             path = tmp_path_factory.mktemp(f"ckpt-{arch}")
             built[key] = str(build_checkpoint(path, arch=arch, num_shards=num_shards, **overrides))
