@@ -24,6 +24,8 @@ __all__ = [
     "BeamSearchParams",
     "BeamSearchOutput",
     "BeamSearchSequence",
+    "PoolingParams",
+    "EmbeddingRequestOutput",
 ]
 
 _LAZY = {
@@ -34,6 +36,8 @@ _LAZY = {
     "BeamSearchParams": "pageant.engine.beam_search",
     "BeamSearchOutput": "pageant.engine.beam_search",
     "BeamSearchSequence": "pageant.engine.beam_search",
+    "PoolingParams": "pageant.engine.pooling",
+    "EmbeddingRequestOutput": "pageant.engine.outputs",
 }
 
 

@@ -60,6 +60,10 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
     allowed_lora_root: str | None = None  # adapter paths must lie under it (None: any local path)
+    # "generate" (text generation) or "pooling" (embeddings, see pageant.engine.pooling);
+    # pooler_config overrides the checkpoint's pooling ({"pooling_type": ..., "normalize": ...})
+    runner: str = "generate"
+    pooler_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -87,6 +91,10 @@ class EngineConfig:
             raise ValueError(f"max_cpu_loras must be an integer >= max_loras ({self.max_loras}), got {cpu!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.runner not in ("generate", "pooling"):
+            raise ValueError(f"runner must be 'generate' or 'pooling', got {self.runner!r}")
+        if self.pooler_config is not None and not isinstance(self.pooler_config, dict):
+            raise ValueError("pooler_config must be a dict such as {'pooling_type': 'MEAN', 'normalize': True}")
         if self.attention_backend not in (None, "torch", "triton"):
             raise ValueError(f"attention_backend must be 'torch' or 'triton', got {self.attention_backend!r}")
 

@@ -25,7 +25,8 @@ from pageant.engine.loader import resolve_model_path
 from pageant.engine.lora import LoRARequest
 from pageant.engine.model_runner import ModelRunner
 from pageant.engine.output_processor import OutputProcessor
-from pageant.engine.outputs import RequestMetrics, RequestOutput
+from pageant.engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestMetrics, RequestOutput
+from pageant.engine.pooling import PoolingParams, PoolingState, matryoshka_dimensions, resolve_pooler_config
 from pageant.engine.prefix_cache import adapter_identity, root_hash
 from pageant.engine.sampler import SamplingBatch, sample
 from pageant.engine.sampling_params import SamplingParams
@@ -83,6 +84,9 @@ class LLMEngine:
         self.generator.manual_seed(config.seed)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.embedding_requests_total = 0
+        self.pooler = resolve_pooler_config(path, config.pooler_config) if config.runner == "pooling" else None
+        self.matryoshka_dimensions = matryoshka_dimensions(model_config.raw)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "LLMEngine":
@@ -110,17 +114,23 @@ class LLMEngine:
             return None, list(prompt)
         raise InvalidRequestError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
-    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams, *,
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | PoolingParams, *,
                     arrival_time: float | None = None, priority: int = 0,
                     lora_request: LoRARequest | None = None, cache_salt: str | None = None) -> None:
         """Validate and queue a request; raises ``InvalidRequestError`` if it can never run.
-        ``cache_salt``: with prefix caching, only requests with the same salt share cached blocks."""
+        ``cache_salt``: with prefix caching, only requests with the same salt share cached blocks.
+        ``PoolingParams`` make an embedding request (``runner="pooling"`` engines only)."""
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string")
         if request_id in self.requests:
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError("params must be a SamplingParams")
+        pooling = self._pooling_state(params)
+        if pooling is not None:
+            params = SamplingParams(max_tokens=1)  # budget and blocks for the prompt only; never sampled
+        elif not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be a SamplingParams or PoolingParams")
+        elif self.pooler is not None:
+            raise InvalidRequestError("this engine runs the pooling runner (embeddings): it does not generate text")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError("priority must be an integer")
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
@@ -130,14 +140,16 @@ class LLMEngine:
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         limit = self.config.max_model_len
-        if len(ids) >= limit:
+        if pooling is not None and len(ids) > limit:
+            raise InvalidRequestError(f"the input has {len(ids)} tokens; this model's context is {limit} tokens")
+        if pooling is None and len(ids) >= limit:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens; this model's context is {limit} tokens, "
                 "leaving no room for output"
             )
-        if params.max_tokens is None:
+        if pooling is None and params.max_tokens is None:
             params = params.clone(max_tokens=limit - len(ids), min_tokens=min(params.min_tokens, limit - len(ids)))
-        if len(ids) + params.max_tokens > limit:
+        if pooling is None and len(ids) + params.max_tokens > limit:
             raise InvalidRequestError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
                 f"context of {limit} tokens"
@@ -162,12 +174,29 @@ class LLMEngine:
             eos_token_ids=self.tokenizer.eos_token_ids,
             lora_name=lora_name,
             cache_root=root_hash(self._lora_identities.get(lora_name), cache_salt),
+            pooling=pooling,
         )
         request.new_sequence(0, list(ids), make_generator(params.seed, 0, self.runner.device))
         if lora_name is not None:
             self.lora_manager.acquire(lora_name)
         self.requests[request_id] = request
         self.scheduler.add_request(request)
+
+    def _pooling_state(self, params: Any) -> PoolingState | None:
+        """The pool of an embedding request (``PoolingParams``), checked against this engine."""
+        if not isinstance(params, PoolingParams):
+            return None
+        if self.pooler is None:
+            raise InvalidRequestError("embeddings need an engine started with runner='pooling' (--runner pooling)")
+        dims = params.dimensions
+        if dims is not None:
+            allowed, hidden = self.matryoshka_dimensions, self.model_config.hidden_size
+            if allowed is None:
+                raise InvalidRequestError("this model does not support the 'dimensions' parameter (not a Matryoshka model)")
+            if dims > hidden or (allowed and dims not in allowed):
+                raise InvalidRequestError(f"dimensions must be one of {list(allowed) or f'1..{hidden}'}, got {dims}")
+        normalize = self.pooler.normalize if params.normalize is None else params.normalize
+        return PoolingState(self.pooler.pooling_type, normalize, dims)
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Drop requests now (their KV blocks go back to the pool); unknown ids are ignored."""
@@ -200,9 +229,10 @@ class LLMEngine:
             inp = self.runner.prepare(so)
             # host -> device copies of the sampling inputs before the forward is queued, so they do
             # not wait for it; the only sync of the step is the sampler reading the tokens back
-            batch = SamplingBatch.build(rows, self.vocab_size, self.runner.device)
+            batch = SamplingBatch.build(rows, self.vocab_size, self.runner.device) if rows else None
             out = self.runner.execute(so, inp)
-            sampled = sample(out.logits, batch, self.generator)
+            sampled = sample(out.logits, batch, self.generator) if rows else None
+            pooled = self._pool(so, out) if out.hidden is not None else []
         except Exception as exc:
             self.block_manager.uncache(so.cached_blocks)  # their KV may never have been written
             ids = list(dict.fromkeys([s.seq.request_id for s in so.scheduled] + [s.request_id for s in rows]))
@@ -213,14 +243,37 @@ class LLMEngine:
         self.generation_tokens_total += len(rows)
         if out.prompt_logits is not None:
             self.outputs.add_prompt_logprobs(so, inp, out.prompt_logits)
-        results = []
-        for request in self.outputs.process_samples(so, sampled, self.scheduler):
+        results: list = []
+        for request in pooled:  # embedding requests whose prompt is done
+            request.metrics.finished_time = time.time()
+            self.prompt_tokens_total += request.num_prompt_tokens
+            self.embedding_requests_total += 1
+            if self.requests.pop(request.request_id, None) is not None:
+                self._release_lora(request)
+            results.append(EmbeddingRequestOutput(request.request_id, list(request.prompt_token_ids),
+                                                  EmbeddingOutput(request.pooling.embedding), True, request.metrics))
+        for request in self.outputs.process_samples(so, sampled, self.scheduler) if rows else ():
             if request.is_finished:
                 request.metrics.finished_time = time.time()
                 if self.requests.pop(request.request_id, None) is not None:
                     self._release_lora(request)
             results.append(self.outputs.make_output(request))
         return results
+
+    def _pool(self, so, out) -> list[Request]:
+        """Feed each embedding request's hidden states to its pool; finish those whose prompt is done."""
+        done, offset = [], 0
+        for s in so.scheduled:
+            pooling = s.seq.request.pooling
+            if pooling is not None:
+                pooling.add(out.hidden[offset : offset + s.num_new_tokens], s.start)  # [num_new_tokens, hidden]
+                if s.sample:
+                    pooling.finish()
+                    s.seq.finish_reason = "stop"
+                    self.scheduler.finish(s.seq)
+                    done.append(s.seq.request)
+            offset += s.num_new_tokens
+        return done
 
     # ------------------------------------------------------------------ LoRA adapters
     def _lora_name(self, lora_request: LoRARequest | None) -> str | None:
@@ -295,6 +348,8 @@ class LLMEngine:
             "num_requests_running": len(running),
             "num_requests_waiting": len(waiting),
             "prompt_tokens_total": self.prompt_tokens_total,
+            "embedding_requests_total": self.embedding_requests_total,
+            "runner": self.config.runner,
             "generation_tokens_total": self.generation_tokens_total,
             "block_size": bm.block_size,
             "enable_prefix_caching": bm.enable_caching,

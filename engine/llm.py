@@ -13,7 +13,8 @@ from pageant.engine.config import EngineConfig
 from pageant.engine.engine import LLMEngine
 from pageant.engine.exceptions import InvalidRequestError
 from pageant.engine.lora import LoRARequest
-from pageant.engine.outputs import RequestOutput
+from pageant.engine.outputs import EmbeddingRequestOutput, RequestOutput
+from pageant.engine.pooling import PoolingParams
 from pageant.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
@@ -110,6 +111,26 @@ class LLM:
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+    def embed(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = True,
+        lora_request: LoRARequest | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """Embed every prompt (``runner="pooling"`` engines); ``.outputs.embedding`` per prompt, in order."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = pooling_params or PoolingParams()
+        ids = [f"embed-{next(self._ids)}" for _ in prompts]
+        try:
+            for rid, prompt in zip(ids, prompts):
+                self.engine.add_request(rid, prompt, params, lora_request=lora_request)
+        except Exception:
+            self.engine.abort_request(ids)
+            raise
+        return self._run(ids, use_tqdm)
 
     def beam_search(
         self,

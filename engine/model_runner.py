@@ -46,10 +46,12 @@ class ModelInput:
 
 @dataclass
 class ModelOutput:
-    """Logits for the sample rows (float32) and, per prompt-logprob span, its logits and targets."""
+    """Logits for the sample rows (float32), per prompt-logprob span its logits, and (when the
+    step has embedding requests) the final hidden state of every token for their pooling."""
 
     logits: torch.Tensor  # [num_sample_rows, vocab]
     prompt_logits: torch.Tensor | None  # [num_prompt_positions, vocab]
+    hidden: torch.Tensor | None = None  # [num_tokens, hidden]
 
 
 class ModelRunner:
@@ -212,8 +214,9 @@ class ModelRunner:
             self.lora_manager.set_batch([s.seq.request.lora_name for s in so.scheduled],
                                         [s.num_new_tokens for s in so.scheduled])
         md = inp.attn_metadata
+        pooling = any(s.seq.request.pooling is not None for s in so.scheduled)
         if (self.graphs is not None and md.num_decode_seqs == md.num_seqs and inp.prompt_logits_indices is None
-                and self.graphs.can_run(md.num_seqs)):
+                and not pooling and self.graphs.can_run(md.num_seqs)):
             padded = self.graphs.run(inp.input_ids, inp.positions, md)  # [padded_size, vocab]
             return ModelOutput(logits=padded.index_select(0, inp.logits_indices), prompt_logits=None)
         hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, md)  # [num_tokens, hidden]
@@ -221,4 +224,4 @@ class ModelRunner:
         prompt_logits = None
         if inp.prompt_logits_indices is not None:
             prompt_logits = self.model.compute_logits(hidden[inp.prompt_logits_indices])
-        return ModelOutput(logits=logits, prompt_logits=prompt_logits)
+        return ModelOutput(logits=logits, prompt_logits=prompt_logits, hidden=hidden if pooling else None)

@@ -159,7 +159,7 @@ class Scheduler:
         num_decode = sum(1 for s in chosen if s.num_new_tokens == 1)
         sample_rows: list[tuple[Sequence, int]] = []
         for idx, s in enumerate(chosen):
-            if s.sample:
+            if s.sample and s.seq.request.pooling is None:  # embedding requests pool, never sample
                 sample_rows.append((s.seq, idx))
                 sample_rows.extend((child, idx) for child in self._fork_if_needed(s.seq))
         return SchedulerOutput(
@@ -174,8 +174,11 @@ class Scheduler:
 
     def _lookup(self, seq: Sequence) -> list[int] | None:
         """The cached leading blocks of a waiting sequence; None when it does not use the cache
-        (caching off, or it needs prompt logprobs and so must compute every prompt position)."""
-        if not self.block_manager.enable_caching or seq.request.needs_prompt_logprobs:
+        (caching off, or it needs prompt logprobs or a MEAN/CLS embedding and so must compute
+        every prompt position)."""
+        pooling = seq.request.pooling
+        if (not self.block_manager.enable_caching or seq.request.needs_prompt_logprobs
+                or (pooling is not None and pooling.needs_every_token)):
             return None
         return self.block_manager.lookup(seq)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pageant.engine.outputs import Logprob, RequestMetrics
+from pageant.engine.pooling import PoolingState
 from pageant.engine.prefix_cache import BASE_ROOT
 from pageant.engine.sampling_params import SamplingParams
 
@@ -105,6 +106,7 @@ class Request:
     forked: bool = False
     lora_name: str | None = None  # the LoRA adapter applied to every sequence (None = base model)
     cache_root: bytes = BASE_ROOT  # parent hash of the first block: adapter identity + cache_salt
+    pooling: "PoolingState | None" = None  # an embedding request (prefill only, never samples)
 
     @property
     def num_prompt_tokens(self) -> int:
