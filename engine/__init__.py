@@ -8,6 +8,7 @@ code) load lazily on first use of ``LLM``/``LLMEngine``/``EngineConfig``.
 from pageant.engine.exceptions import EngineStepError, InvalidRequestError
 from pageant.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pageant.engine.sampling_params import SamplingParams
+from pageant.engine.structured_outputs.params import StructuredOutputsParams
 
 __all__ = [
     "LLM",
@@ -26,6 +27,7 @@ __all__ = [
     "BeamSearchSequence",
     "PoolingParams",
     "EmbeddingRequestOutput",
+    "StructuredOutputsParams",
 ]
 
 _LAZY = {

@@ -64,6 +64,9 @@ class EngineConfig:
     # pooler_config overrides the checkpoint's pooling ({"pooling_type": ..., "normalize": ...})
     runner: str = "generate"
     pooler_config: dict[str, Any] | None = None
+    # structured outputs: {"backend": "auto" | "xgrammar" | "guidance", "disable_any_whitespace": bool,
+    # "reasoning_parser": "deepseek_r1" | "qwen3" (the constraint starts after the reasoning)}
+    structured_outputs_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -95,6 +98,13 @@ class EngineConfig:
             raise ValueError(f"runner must be 'generate' or 'pooling', got {self.runner!r}")
         if self.pooler_config is not None and not isinstance(self.pooler_config, dict):
             raise ValueError("pooler_config must be a dict such as {'pooling_type': 'MEAN', 'normalize': True}")
+        so = self.structured_outputs_config
+        if so is not None:
+            if not isinstance(so, dict) or set(so) - {"backend", "disable_any_whitespace", "reasoning_parser"}:
+                raise ValueError("structured_outputs_config takes the keys 'backend', 'disable_any_whitespace' "
+                                 "and 'reasoning_parser'")
+            if so.get("backend", "auto") not in ("auto", "xgrammar", "guidance"):
+                raise ValueError(f"structured outputs backend must be auto, xgrammar or guidance, got {so.get('backend')!r}")
         if self.attention_backend not in (None, "torch", "triton"):
             raise ValueError(f"attention_backend must be 'torch' or 'triton', got {self.attention_backend!r}")
 

@@ -132,7 +132,8 @@ class DecodeGraphs:
         b.slot_mapping.fill_(-1)
         b.seq_lens.zero_()
         pool = None
-        for size in tqdm(list(reversed(self.sizes)), desc="Capturing CUDA graphs", unit="graph", leave=False):
+        for size in tqdm(list(reversed(self.sizes)), desc="Capturing CUDA graphs", unit="graph", leave=False,
+                         disable=None):
             for _ in range(2):  # warm-up: Triton compiles and autotunes outside the capture
                 self._forward(size)
             torch.cuda.synchronize(self.kv_cache.device)

@@ -26,25 +26,57 @@ def detokenize_incrementally(tokenizer: Tokenizer, seq: Sequence, skip_special_t
     return delta
 
 
-def find_stop_string(text: str, num_new_chars: int, stops: tuple[str, ...]) -> tuple[str, int] | None:
+def stop_search_start(text_len: int, num_new_chars: int, max_stop_len: int) -> int:
+    """Where a search for a stop string that ends in the newest ``num_new_chars`` characters may
+    start: a match must overlap the new text, so only the last ``num_new_chars + max_stop_len - 1``
+    characters can hold one. The per-token cost of stop matching is bounded by that window, however
+    long the text has grown."""
+    return max(0, text_len - num_new_chars - max_stop_len + 1)
+
+
+def find_stop_string(text: str, num_new_chars: int, stops: tuple[str, ...],
+                     max_stop_len: int | None = None) -> tuple[str, int] | None:
     """The earliest stop string that ends within the last ``num_new_chars`` characters of
-    ``text``: ``(stop, start_index)``, or None."""
+    ``text``: ``(stop, start_index)``, or None. Only the window of ``stop_search_start`` is read."""
+    if not stops or num_new_chars <= 0:
+        return None
+    if max_stop_len is None:
+        max_stop_len = max(map(len, stops))
+    offset = stop_search_start(len(text), num_new_chars, max_stop_len)
+    window = text[offset:]  # the one copy: every search below runs on this bounded window
+    n = len(window)
     best: tuple[str, int] | None = None
     for stop in stops:
-        start = max(0, len(text) - num_new_chars - len(stop) + 1)
-        idx = text.find(stop, start)
+        idx = window.find(stop, max(0, n - num_new_chars - len(stop) + 1))
         if idx != -1 and (best is None or idx < best[1]):
             best = (stop, idx)
-    return best
+    return None if best is None else (best[0], offset + best[1])
 
 
-def held_back_chars(text: str, stops: tuple[str, ...]) -> int:
+def held_back_chars(text: str, stops: tuple[str, ...], max_stop_len: int | None = None) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of some stop string
-    (it may still become a stop string, so it is not shown yet)."""
+    (it may still become a stop string, so it is not shown yet). Reads only the last
+    ``max_stop_len - 1`` characters."""
+    if not stops:
+        return 0
+    if max_stop_len is None:
+        max_stop_len = max(map(len, stops))
+    if max_stop_len <= 1 or not text:
+        return 0
+    tail = text[max(0, len(text) - max_stop_len + 1):]
+    n = len(tail)
     longest = 0
     for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if stop.startswith(text[-k:]):
-                longest = k
+        k_max = min(len(stop) - 1, n)
+        if k_max <= longest:
+            continue
+        # candidate starts: where the stop string's first character occurs, longest suffix first
+        # (cheap filters first: the suffix's last character and its first 8 characters)
+        first, last = stop[0], tail[-1]
+        i = tail.find(first, n - k_max, n - longest)
+        while i != -1:
+            if stop[n - i - 1] == last and stop.startswith(tail[i : i + 8]) and stop.startswith(tail[i:]):
+                longest = n - i
                 break
+            i = tail.find(first, i + 1, n - longest)
     return longest

@@ -26,7 +26,9 @@ from pageant.engine.lora import LoRARequest
 from pageant.engine.model_runner import ModelRunner
 from pageant.engine.output_processor import OutputProcessor
 from pageant.engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestMetrics, RequestOutput
-from pageant.engine.pooling import PoolingParams, PoolingState, matryoshka_dimensions, resolve_pooler_config
+from pageant.engine.pooling import (PoolingParams, PoolingState, matryoshka_dimensions, new_pooling_state, pool_step,
+                                    resolve_pooler_config)
+from pageant.engine.structured_outputs.manager import GrammarState, StructuredOutputManager
 from pageant.engine.prefix_cache import adapter_identity, root_hash
 from pageant.engine.sampler import SamplingBatch, sample
 from pageant.engine.sampling_params import SamplingParams
@@ -87,6 +89,7 @@ class LLMEngine:
         self.embedding_requests_total = 0
         self.pooler = resolve_pooler_config(path, config.pooler_config) if config.runner == "pooling" else None
         self.matryoshka_dimensions = matryoshka_dimensions(model_config.raw)
+        self._structured: StructuredOutputManager | None = None  # made on the first constrained request
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "LLMEngine":
@@ -175,6 +178,7 @@ class LLMEngine:
             lora_name=lora_name,
             cache_root=root_hash(self._lora_identities.get(lora_name), cache_salt),
             pooling=pooling,
+            grammar=self._grammar_state(params),
         )
         request.new_sequence(0, list(ids), make_generator(params.seed, 0, self.runner.device))
         if lora_name is not None:
@@ -182,21 +186,46 @@ class LLMEngine:
         self.requests[request_id] = request
         self.scheduler.add_request(request)
 
+    @property
+    def structured_outputs(self) -> StructuredOutputManager:
+        """The structured-output manager (compile cache and thread), created on first use."""
+        if self._structured is None:
+            cfg = self.config.structured_outputs_config or {}
+            self._structured = StructuredOutputManager(
+                self.tokenizer.hf_tokenizer, self.vocab_size, sorted(self.tokenizer.eos_token_ids),
+                backend=cfg.get("backend", "auto"), disable_any_whitespace=bool(cfg.get("disable_any_whitespace")),
+                reasoning_parser=cfg.get("reasoning_parser"))
+        return self._structured
+
+    def _grammar_state(self, params: SamplingParams) -> GrammarState | None:
+        constraint = getattr(params, "structured_outputs", None)
+        if constraint is None:
+            return None
+        state = self.structured_outputs.state(constraint)
+        if state.error is not None:  # already known bad (cached)
+            raise InvalidRequestError(state.error)
+        return state
+
+    def _drop_failed_grammars(self) -> list[RequestOutput]:
+        """Requests whose constraint failed to compile after they were queued: aborted, reported."""
+        failed = [s.request for s in self.scheduler.waiting if s.request.grammar is not None and s.request.grammar.error]
+        outputs = []
+        for request in dict.fromkeys(failed):
+            logger.warning("request %s: %s", request.request_id, request.grammar.error)
+            self.abort_request(request.request_id)
+            outputs.append(self.outputs.make_output(request))
+        return outputs
+
     def _pooling_state(self, params: Any) -> PoolingState | None:
         """The pool of an embedding request (``PoolingParams``), checked against this engine."""
         if not isinstance(params, PoolingParams):
             return None
         if self.pooler is None:
             raise InvalidRequestError("embeddings need an engine started with runner='pooling' (--runner pooling)")
-        dims = params.dimensions
-        if dims is not None:
-            allowed, hidden = self.matryoshka_dimensions, self.model_config.hidden_size
-            if allowed is None:
-                raise InvalidRequestError("this model does not support the 'dimensions' parameter (not a Matryoshka model)")
-            if dims > hidden or (allowed and dims not in allowed):
-                raise InvalidRequestError(f"dimensions must be one of {list(allowed) or f'1..{hidden}'}, got {dims}")
-        normalize = self.pooler.normalize if params.normalize is None else params.normalize
-        return PoolingState(self.pooler.pooling_type, normalize, dims)
+        try:
+            return new_pooling_state(params, self.pooler, self.matryoshka_dimensions, self.model_config.hidden_size)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Drop requests now (their KV blocks go back to the pool); unknown ids are ignored."""
@@ -221,18 +250,21 @@ class LLMEngine:
         """One scheduler iteration, one forward, one sampling; outputs of every request that got a
         token or finished. On a model/sampling failure, frees that batch's requests and raises
         ``EngineStepError`` naming them."""
+        dropped = self._drop_failed_grammars() if self._structured is not None else []
         so = self.scheduler.schedule()
         if so.is_empty:
-            return []
+            return dropped
         rows = [seq for seq, _ in so.sample_rows]
         try:
             inp = self.runner.prepare(so)
             # host -> device copies of the sampling inputs before the forward is queued, so they do
             # not wait for it; the only sync of the step is the sampler reading the tokens back
             batch = SamplingBatch.build(rows, self.vocab_size, self.runner.device) if rows else None
+            mask = self._structured.bitmask(rows) if self._structured is not None and rows else None
             out = self.runner.execute(so, inp)
-            sampled = sample(out.logits, batch, self.generator) if rows else None
-            pooled = self._pool(so, out) if out.hidden is not None else []
+            sampled = sample(out.logits, batch, self.generator, mask) if rows else None
+            completed = self._structured.accept(rows, sampled.token_ids) if mask is not None else []
+            pooled = pool_step(so.scheduled, out.hidden, self.scheduler) if out.hidden is not None else []
         except Exception as exc:
             self.block_manager.uncache(so.cached_blocks)  # their KV may never have been written
             ids = list(dict.fromkeys([s.seq.request_id for s in so.scheduled] + [s.request_id for s in rows]))
@@ -243,7 +275,7 @@ class LLMEngine:
         self.generation_tokens_total += len(rows)
         if out.prompt_logits is not None:
             self.outputs.add_prompt_logprobs(so, inp, out.prompt_logits)
-        results: list = []
+        results: list = dropped
         for request in pooled:  # embedding requests whose prompt is done
             request.metrics.finished_time = time.time()
             self.prompt_tokens_total += request.num_prompt_tokens
@@ -252,28 +284,18 @@ class LLMEngine:
                 self._release_lora(request)
             results.append(EmbeddingRequestOutput(request.request_id, list(request.prompt_token_ids),
                                                   EmbeddingOutput(request.pooling.embedding), True, request.metrics))
-        for request in self.outputs.process_samples(so, sampled, self.scheduler) if rows else ():
+        touched = self.outputs.process_samples(so, sampled, self.scheduler) if rows else []
+        for seq in completed:  # the constraint is complete: the request ends as at a stop
+            if seq.finish_reason is None:
+                self.outputs._finish(seq, "stop", None)  # (all its text is shown)
+                self.scheduler.finish(seq)
+        for request in touched:
             if request.is_finished:
                 request.metrics.finished_time = time.time()
                 if self.requests.pop(request.request_id, None) is not None:
                     self._release_lora(request)
             results.append(self.outputs.make_output(request))
         return results
-
-    def _pool(self, so, out) -> list[Request]:
-        """Feed each embedding request's hidden states to its pool; finish those whose prompt is done."""
-        done, offset = [], 0
-        for s in so.scheduled:
-            pooling = s.seq.request.pooling
-            if pooling is not None:
-                pooling.add(out.hidden[offset : offset + s.num_new_tokens], s.start)  # [num_new_tokens, hidden]
-                if s.sample:
-                    pooling.finish()
-                    s.seq.finish_reason = "stop"
-                    self.scheduler.finish(s.seq)
-                    done.append(s.seq.request)
-            offset += s.num_new_tokens
-        return done
 
     # ------------------------------------------------------------------ LoRA adapters
     def _lora_name(self, lora_request: LoRARequest | None) -> str | None:

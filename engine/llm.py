@@ -72,6 +72,12 @@ class LLM:
         salts = list(cache_salt) if isinstance(cache_salt, (list, tuple)) else [cache_salt] * len(prompts)
         if len(salts) != len(prompts):
             raise InvalidRequestError(f"got {len(salts)} cache salts for {len(prompts)} prompts")
+        for p in params:  # a constraint that does not compile fails here, before anything is queued
+            if isinstance(p, SamplingParams) and p.structured_outputs is not None:
+                try:
+                    self.engine.structured_outputs.validate(p.structured_outputs)
+                except ValueError as exc:
+                    raise InvalidRequestError(str(exc)) from None
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         try:
             for rid, prompt, p, prio, lora, salt in zip(ids, prompts, params, priorities, loras, salts):

@@ -98,7 +98,9 @@ def load_model(
             for name in f.keys():
                 yield name, f.get_tensor(name)
 
-    with torch.no_grad(), tqdm(total=len(files), desc="Loading weights", unit="file", leave=False) as bar:
+    # disable=None: no bar unless stderr is a terminal (a server's log stays free of bar redraws)
+    with torch.no_grad(), tqdm(total=len(files), desc="Loading weights", unit="file", leave=False,
+                               disable=None) as bar:
         for file in files:
             try:
                 loaded |= model.load_weights(tensors(file))

@@ -23,6 +23,8 @@ class OutputProcessor:
     ``ignore_eos``) or a ``stop_token_ids`` token ends with "stop" (its text is not added);
     a stop string in the new text ends with "stop" (the text is cut before it, or after it with
     ``include_stop_str_in_output``). Then ``max_tokens`` or the context limit end with "length".
+    Stop-string matching reads only the new text plus the longest stop string's length (see
+    ``detokenizer.stop_search_start``), so its cost per token does not grow with the output.
     """
 
     def __init__(self, tokenizer: Tokenizer, max_model_len: int):
@@ -99,7 +101,7 @@ class OutputProcessor:
                 return
         delta = detokenize_incrementally(self.tokenizer, seq, params.skip_special_tokens)
         if stops_active and delta and params.stop_strs:
-            hit = find_stop_string(seq.text, len(delta), params.stop_strs)
+            hit = find_stop_string(seq.text, len(delta), params.stop_strs, params.max_stop_len)
             if hit is not None:
                 stop, index = hit
                 seq.text = seq.text[: index + (len(stop) if params.include_stop_str_in_output else 0)]
@@ -108,7 +110,8 @@ class OutputProcessor:
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length", None)
             return
-        seq.output_text_len = len(seq.text) - (held_back_chars(seq.text, params.stop_strs) if params.stop_strs else 0)
+        seq.output_text_len = len(seq.text) - (
+            held_back_chars(seq.text, params.stop_strs, params.max_stop_len) if params.stop_strs else 0)
 
     @staticmethod
     def _finish(seq: Sequence, reason: str, stop_reason: str | int | None) -> None:

@@ -158,3 +158,33 @@ class PoolingState:
                 vec = F.normalize(vec, p=2, dim=-1)
         self.embedding = vec.cpu().tolist()
         return self.embedding
+
+
+def new_pooling_state(params: PoolingParams, pooler: PoolerConfig, matryoshka: tuple[int, ...] | None,
+                      hidden_size: int) -> PoolingState:
+    """A request's pool, its ``dimensions`` checked against what the model declares (ValueError)."""
+    dims = params.dimensions
+    if dims is not None:
+        if matryoshka is None:
+            raise ValueError("this model does not support the 'dimensions' parameter (not a Matryoshka model)")
+        if dims > hidden_size or (matryoshka and dims not in matryoshka):
+            raise ValueError(f"dimensions must be one of {list(matryoshka) or f'1..{hidden_size}'}, got {dims}")
+    normalize = pooler.normalize if params.normalize is None else params.normalize
+    return PoolingState(pooler.pooling_type, normalize, dims)
+
+
+def pool_step(scheduled: list, hidden: torch.Tensor, scheduler) -> list:
+    """Feed each embedding request of a step its tokens' hidden states (``hidden`` [num_tokens,
+    hidden], sequences back to back); finish those whose prompt is done. Returns their requests."""
+    done, offset = [], 0
+    for s in scheduled:
+        pooling = s.seq.request.pooling
+        if pooling is not None:
+            pooling.add(hidden[offset : offset + s.num_new_tokens], s.start)  # [num_new_tokens, hidden]
+            if s.sample:
+                pooling.finish()
+                s.seq.finish_reason = "stop"
+                scheduler.finish(s.seq)
+                done.append(s.seq.request)
+        offset += s.num_new_tokens
+    return done

@@ -11,6 +11,8 @@ drop tokens below ``min_p`` times the top probability, and sample with the expon
 
 from __future__ import annotations
 
+from pageant.engine.structured_outputs.manager import apply_bitmask
+
 from dataclasses import dataclass
 
 import torch
@@ -153,9 +155,15 @@ def truncated_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return probs
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None = None) -> SamplerOutput:
-    """Pick one token per row of ``logits`` ([num_rows, vocab] float32; modified in place)."""
+def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None = None,
+           token_bitmask: torch.Tensor | None = None) -> SamplerOutput:
+    """Pick one token per row of ``logits`` ([num_rows, vocab] float32; modified in place).
+    ``token_bitmask`` (structured outputs, int32 ``[num_rows, ceil(vocab / 32)]``) sends the
+    tokens a row's constraint forbids to -inf after the processors, so sampling and logprobs are
+    the model's distribution renormalised over the allowed tokens."""
     logits = apply_processors(logits, batch)
+    if token_bitmask is not None:
+        apply_bitmask(logits, token_bitmask)
     if batch.all_greedy and all(k is None for k in batch.num_logprobs):  # fast path: no [rows, vocab] log_softmax
         chosen = logits.argmax(dim=-1)  # [num_rows]
         chosen_lp = logits.gather(-1, chosen[:, None])[:, 0] - logits.logsumexp(dim=-1)  # [num_rows]

@@ -6,9 +6,26 @@ import math
 from dataclasses import dataclass, field
 
 from pageant.engine.exceptions import InvalidRequestError
+from pageant.engine.structured_outputs.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 _GREEDY_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class StopLimits:
+    """Caps on a request's stop conditions. Stop strings are matched on the engine thread after every
+    token, so their number and size bound that work (see detokenizer.py: each token's search covers
+    only the new text plus the longest stop string). Defaults: 64 stop strings of 4096 characters in
+    all, and 256 stop token ids; ``pageant serve`` sets them with ``--max-stop-strings``,
+    ``--max-stop-chars`` and ``--max-stop-token-ids``."""
+
+    max_stop_strings: int = 64
+    max_stop_chars: int = 4096  # the total length of all stop strings of a request
+    max_stop_token_ids: int = 256
+
+
+DEFAULT_STOP_LIMITS = StopLimits()
 
 
 def _is_int(x: object) -> bool:
@@ -48,15 +65,23 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # constrain the output to a JSON schema / regex / choice / grammar (pageant.engine.structured_outputs)
+    structured_outputs: StructuredOutputsParams | None = None
+    # the caps on stop/stop_token_ids checked here (None: DEFAULT_STOP_LIMITS)
+    stop_limits: StopLimits | None = field(default=None, repr=False, compare=False)
     # normalised forms, filled by __post_init__
     stop_strs: tuple[str, ...] = field(init=False, repr=False, default=())
     stop_ids: frozenset[int] = field(init=False, repr=False, default=frozenset())
+    max_stop_len: int = field(init=False, repr=False, default=0)  # the longest stop string
 
     def __post_init__(self) -> None:
         self._validate()
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise InvalidRequestError("structured_outputs must be a StructuredOutputsParams")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop_strs = tuple(self.stop or ())
+        self.max_stop_len = max(map(len, self.stop_strs), default=0)
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.stop_ids = frozenset(self.stop_token_ids)
         if self.logit_bias is not None:
@@ -66,6 +91,10 @@ class SamplingParams:
     def _validate(self) -> None:
         def bad(msg: str) -> InvalidRequestError:
             return InvalidRequestError(msg)
+
+        if self.stop_limits is not None and not isinstance(self.stop_limits, StopLimits):
+            raise bad("stop_limits must be a StopLimits")
+        limits = self.stop_limits or DEFAULT_STOP_LIMITS
 
         if not _is_int(self.n) or self.n < 1:
             raise bad(f"n must be an integer >= 1, got {self.n!r}")
@@ -94,11 +123,20 @@ class SamplingParams:
                 raise bad("stop must be a string or a list of strings")
             if any(s == "" for s in stops):
                 raise bad("stop strings must not be empty")
+            if len(stops) > limits.max_stop_strings:
+                raise bad(f"stop: at most {limits.max_stop_strings} stop strings are allowed, got {len(stops)}")
+            total = sum(map(len, stops))
+            if total > limits.max_stop_chars:
+                raise bad(f"stop: the stop strings may have at most {limits.max_stop_chars} characters in all, "
+                          f"got {total}")
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)) or not all(
                 _is_int(t) and t >= 0 for t in self.stop_token_ids
             ):
                 raise bad("stop_token_ids must be a list of non-negative integers")
+            if len(self.stop_token_ids) > limits.max_stop_token_ids:
+                raise bad(f"stop_token_ids: at most {limits.max_stop_token_ids} stop token ids are allowed, "
+                          f"got {len(self.stop_token_ids)}")
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos must be a boolean")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):

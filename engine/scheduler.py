@@ -12,7 +12,8 @@ Policy (one call to ``schedule`` per engine step):
    fit blocks those behind it (no overtaking). Nothing new is admitted in a step that preempted.
    With LoRA, the running set never uses more than ``max_loras`` distinct adapters: a waiting
    sequence whose adapter would exceed that is skipped for this step (later ones may go first,
-   as in vLLM), so every batch fits the device's adapter slots.
+   as in vLLM), so every batch fits the device's adapter slots. A request whose structured-output
+   grammar is still compiling is skipped the same way.
 3. With prefix caching, a waiting sequence first takes its cached leading blocks (they cost no
    token budget), then computes the rest. Requests that want prompt logprobs skip the lookup
    (they need logits at every prompt position). Full blocks are registered in the cache as soon
@@ -139,6 +140,10 @@ class Scheduler:
             lora = seq.request.lora_name
             if lora is not None and lora not in loras and len(loras) >= self.max_loras:
                 w += 1
+                continue
+            grammar = seq.request.grammar
+            if grammar is not None and (not grammar.ready or grammar.error is not None):
+                w += 1  # its constraint is still compiling (or failed: the engine drops it)
                 continue
             cached = self._lookup(seq)
             num_new = min(seq.num_tokens - len(cached or ()) * bm.block_size, budget)

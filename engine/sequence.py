@@ -16,6 +16,7 @@ import torch
 
 from pageant.engine.outputs import Logprob, RequestMetrics
 from pageant.engine.pooling import PoolingState
+from pageant.engine.structured_outputs.manager import GrammarState
 from pageant.engine.prefix_cache import BASE_ROOT
 from pageant.engine.sampling_params import SamplingParams
 
@@ -107,6 +108,7 @@ class Request:
     lora_name: str | None = None  # the LoRA adapter applied to every sequence (None = base model)
     cache_root: bytes = BASE_ROOT  # parent hash of the first block: adapter identity + cache_salt
     pooling: "PoolingState | None" = None  # an embedding request (prefill only, never samples)
+    grammar: "GrammarState | None" = None  # structured outputs: the compiled constraint and matchers
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -43,23 +43,54 @@ def _parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help="print every object the operator would create (no cluster)")
     render.add_argument("-f", "--filename", required=True, help="InferenceService YAML file ('-': stdin)")
     render.add_argument("--engine-image", default=DEFAULT_ENGINE_IMAGE, help="default engine image")
+    render.add_argument("--validate", default="strict", type=lambda v: VALIDATE_ALIASES.get(v, v),
+                        choices=["strict", "warn", "ignore"],
+                        help="fields the InferenceService schema does not know, and keys set twice: strict "
+                             "(default, as `kubectl apply`): refuse the file (exit status 2); warn: report them "
+                             "and render anyway; ignore: drop them silently")
     return parser
+
+
+# kubectl's spellings of --validate
+VALIDATE_ALIASES = {"true": "strict", "false": "ignore"}
+
+
+def _strict_problems(docs: list, duplicates: list[str]) -> list[str]:
+    """Unknown fields of every InferenceService (named by kind/name), then duplicate keys."""
+    from pageant.operator import strict
+
+    out = []
+    for doc in docs:
+        if isinstance(doc, dict) and doc.get("kind") == schema.KIND:
+            meta = doc.get("metadata")
+            name = meta.get("name") if isinstance(meta, dict) else None
+            out += [f"{schema.KIND} {name!r}: {p}" for p in strict.problems(doc)]
+    return out + duplicates
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.command == "render":
+        from pageant.operator import strict
         from pageant.operator.render import render_documents
 
         try:
             text = sys.stdin.read() if args.filename == "-" else open(args.filename, encoding="utf-8").read()
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
+            docs, duplicates = strict.load_all(text)
         except (OSError, yaml.YAMLError) as exc:
             print(f"pageant operator render: cannot read {args.filename}: {exc}", file=sys.stderr)
             return 2
         if not any(isinstance(d, dict) and d.get("kind") == schema.KIND for d in docs):
             print(f"pageant operator render: no {schema.KIND} in {args.filename}", file=sys.stderr)
             return 2
+        if args.validate != "ignore":
+            found = _strict_problems(docs, duplicates)
+            if found and args.validate == "strict":
+                print(f"pageant operator render: {args.filename}: strict decoding error (--validate=warn to "
+                      "render anyway):\n  " + "\n  ".join(found), file=sys.stderr)
+                return 2
+            for problem in found:
+                print(f"pageant operator render: warning: {args.filename}: {problem}", file=sys.stderr)
         try:
             sys.stdout.write(render_documents(docs, args.engine_image))
         except InvalidSpec as exc:

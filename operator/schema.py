@@ -109,15 +109,18 @@ def _model() -> dict[str, Any]:
                          default="ReadWriteMany"),
     })
     cache["required"] = ["repo", "size"]
-    return _obj("The model to serve and where its weights come from (exactly one of hub, pvc, cache).", {
+    return _obj("The model to serve and where its weights come from (exactly one of hub, pvc, cache, demo).", {
         "name": _s("Served model name: the `model` field clients send.", minLength=1, maxLength=128),
         "hub": _hub("Download from the Hugging Face Hub at start into the pod's cache."),
         "pvc": _pvc_path("Weights already on a PersistentVolumeClaim."),
         "cache": cache,
-    }, required=["name"], oneOf=[{"required": ["hub"]}, {"required": ["pvc"]}, {"required": ["cache"]}],
+        "demo": _obj("The demo model inside the engine image (`demo: {}`): a 3.8M-parameter Llama that "
+                     "runs on CPU, for trying the operator without GPUs or downloads.", {}),
+    }, required=["name"], oneOf=[{"required": ["hub"]}, {"required": ["pvc"]}, {"required": ["cache"]},
+                                 {"required": ["demo"]}],
         **{"x-kubernetes-validations": [{
-            "rule": "[has(self.hub), has(self.pvc), has(self.cache)].filter(x, x).size() == 1",
-            "message": "exactly one model source (hub, pvc, cache) must be set"}]})
+            "rule": "[has(self.hub), has(self.pvc), has(self.cache), has(self.demo)].filter(x, x).size() == 1",
+            "message": "exactly one model source (hub, pvc, cache, demo) must be set"}]})
 
 
 def _engine() -> dict[str, Any]:

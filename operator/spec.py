@@ -54,11 +54,12 @@ class CacheSource:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Served name and exactly one weight source."""
+    """Served name and exactly one weight source (``demo``: the model bundled in the engine image)."""
     name: str
     hub: HubSource | None = None
     pvc: PvcSource | None = None
     cache: CacheSource | None = None
+    demo: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +234,8 @@ def _one_source(r: _Reader, raw: dict[str, Any], keys: list[str], path: str) -> 
 def _model(r: _Reader, raw: dict[str, Any]) -> ModelSpec:
     p = "spec.model"
     name = r.get(raw, "name", str, p, required=True) or ""
-    _one_source(r, raw, ["hub", "pvc", "cache"], p)
+    _one_source(r, raw, ["hub", "pvc", "cache", "demo"], p)
+    demo = r.get(raw, "demo", dict, p) is not None
     hub = _hub(r, raw["hub"], f"{p}.hub") if isinstance(raw.get("hub"), dict) else None
     pvc = _pvc(r, raw["pvc"], f"{p}.pvc") if isinstance(raw.get("pvc"), dict) else None
     cache = None
@@ -243,7 +245,7 @@ def _model(r: _Reader, raw: dict[str, Any]) -> ModelSpec:
         r.enum(access, ["ReadWriteMany", "ReadWriteOnce", "ReadOnlyMany"], f"{p}.cache.accessMode")
         cache = CacheSource(_hub(r, c, f"{p}.cache"), r.get(c, "size", str, f"{p}.cache", "", required=True),
                             r.get(c, "storageClassName", str, f"{p}.cache"), access)
-    return ModelSpec(name, hub, pvc, cache)
+    return ModelSpec(name, hub, pvc, cache, demo)
 
 
 def _engine(r: _Reader, raw: dict[str, Any], default_image: str) -> EngineSpec:

@@ -11,12 +11,19 @@ imported, and several test folders import kernels (kernels, lora, engine with th
 This root conftest is imported before any of them, so it is the one place that can choose the
 interpreter for the whole session: the suite runs on machines without a GPU. On a GPU machine,
 run with ``TRITON_INTERPRET=0`` to compile the kernels instead.
+
+Prerequisites from outside PyPI (``helm``, the upstream CRD schemas, Debian's ``prometheus``) are
+looked up by ``require_helm()``, ``require_schemas_dir()`` and ``require_prometheus()`` here (the
+folder conftests import them as ``tests.conftest``): a missing one skips the test with what is
+missing and how to get it (``bash tests/run`` installs all three), and the closing summary counts
+those skips. With ``PAGEANT_STRICT_PREREQUISITES=1`` (CI) a missing prerequisite fails instead.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +33,73 @@ import time
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# What a skip for a missing prerequisite starts with: the summary counts the skips that do.
+PREREQUISITE_MISSING = ("helm not found", "upstream CRD schemas not found", "prometheus not found",
+                        "promtool not found")
+
+
+def _missing(message: str):
+    if os.environ.get("PAGEANT_STRICT_PREREQUISITES") == "1":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def require_helm() -> str:
+    """The ``helm`` binary: .venv/bin/helm (extracted by .ci/install-helm), else one on PATH."""
+    for candidate in (ROOT / ".venv" / "bin" / "helm", shutil.which("helm")):
+        if candidate and pathlib.Path(candidate).exists():
+            return str(candidate)
+    _missing("helm not found: run `bash tests/run` or `bash .ci/install-helm .venv/bin`")
+
+
+def require_schemas_dir(*files: str) -> pathlib.Path:
+    """The folder of upstream CRD schemas: $PAGEANT_SCHEMAS_DIR, else ../shared/schemas beside the
+    checkout; it must hold ``files`` (names in it) when given."""
+    folder = pathlib.Path(os.environ.get("PAGEANT_SCHEMAS_DIR") or ROOT.parent / "shared" / "schemas")
+    absent = [f for f in files if not (folder / f).is_file()]
+    if not folder.is_dir() or absent:
+        what = f"no folder {folder}" if not folder.is_dir() else f"{', '.join(absent)} not in {folder}"
+        _missing(f"upstream CRD schemas not found ({what}): set PAGEANT_SCHEMAS_DIR or run "
+                 "`python tests/fetch_schemas.py DIR` and set PAGEANT_SCHEMAS_DIR=DIR")
+    return folder
+
+
+def require_prometheus(binary: str = "prometheus") -> str:
+    """``prometheus`` or ``promtool`` (both from Debian's prometheus package) on PATH."""
+    found = shutil.which(binary)
+    if not found:
+        _missing(f"{binary} not found: `apt-get install prometheus` (as root; `bash tests/run` does)")
+    return found
+
+
+def _prerequisite_reports(terminalreporter, outcome: str) -> list[tuple[str, str]]:
+    """(test id, message) of each ``outcome`` report that is about a missing prerequisite."""
+    out = []
+    for report in terminalreporter.stats.get(outcome, []):
+        longrepr = getattr(report, "longrepr", None)
+        text = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr or "")
+        for line in text.splitlines():
+            line = line.strip().removeprefix("Skipped: ").removeprefix("E ").strip()
+            if line.startswith(PREREQUISITE_MISSING):
+                out.append((getattr(report, "nodeid", "?"), line))
+                break
+    return out
+
+
+def pytest_terminal_summary(terminalreporter):
+    """"prerequisite skips: N", then each missing prerequisite with how many tests it skipped."""
+    skips = _prerequisite_reports(terminalreporter, "skipped")
+    failed = _prerequisite_reports(terminalreporter, "failed") + _prerequisite_reports(terminalreporter, "error")
+    terminalreporter.write_line(f"prerequisite skips: {len(skips)}")
+    for label, reports in (("skipped", skips), ("failed (PAGEANT_STRICT_PREREQUISITES=1)", failed)):
+        counts: dict[str, int] = {}
+        for _, message in reports:
+            counts[message] = counts.get(message, 0) + 1
+        for message, n in counts.items():
+            terminalreporter.write_line(f"  {n} test(s) {label}: {message}")
 
 
 @pytest.fixture(scope="session")

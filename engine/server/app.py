@@ -20,7 +20,10 @@ from pageant import __version__
 from pageant.engine.server import protocol as p
 from pageant.engine.server.adapters_config import AdapterSpec
 from pageant.engine.server.adapters_watch import AdapterManager
+from pageant.engine.sampling_params import StopLimits
 from pageant.engine.server.async_engine import AsyncEngine, EngineDeadError
+from pageant.engine.server.http_limits import (DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_HEADER_BYTES,
+                                               DEFAULT_MAX_HEADER_COUNT, HeaderLimitMiddleware)
 from pageant.engine.server.metrics import CONTENT_TYPE, ServerMetrics
 from pageant.engine.server.middleware import GuardMiddleware
 from pageant.engine.server.serving import OpenAIServing
@@ -36,7 +39,8 @@ for _model in (p.CompletionRequest, p.ChatCompletionRequest, p.TokenizeRequest, 
     _field_names.update(_model.model_fields)
 
 _FAILURE_REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 409: "conflict", 413: "too_large",
-                    422: "bad_request", 429: "queue_full", 500: "server_error", 503: "unavailable"}
+                    414: "too_large", 422: "bad_request", 429: "queue_full", 431: "too_large", 500: "server_error",
+                    503: "unavailable"}
 
 
 @dataclass
@@ -59,6 +63,12 @@ class ServerConfig:
     max_loras: int = 0
     adapters_poll_interval: float = 2.0
     lora_unload_timeout: float = 30.0  # how long an HTTP unload waits for the adapter's requests (then 409)
+    # header fields beyond these get 431 (--h11-max-incomplete-event-size, --h11-max-header-count)
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_header_count: int = DEFAULT_MAX_HEADER_COUNT
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT  # seconds a request header may take (--request-header-timeout)
+    # caps on a request's stop conditions (--max-stop-strings, --max-stop-chars, --max-stop-token-ids)
+    stop_limits: StopLimits = field(default_factory=StopLimits)
 
 
 def _errors_route_responses() -> dict:
@@ -99,7 +109,7 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
     tokenizer = ServerTokenizer.from_engine(engine)
     vocab_size = int(getattr(engine, "vocab_size", 0) or 0) or tokenizer.vocab_size
     limits = Limits(max_model_len=max_model_len, vocab_size=vocab_size,
-                    max_n=config.max_n, max_logprobs=config.max_logprobs)
+                    max_n=config.max_n, max_logprobs=config.max_logprobs, stop=config.stop_limits)
     serving = OpenAIServing(async_engine, tokenizer, limits, model_names=names, metrics=metrics,
                             max_log_len=config.max_log_len, log_requests=config.log_requests, adapters=adapters)
 
@@ -113,6 +123,7 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
             if watcher is not None:
                 watcher.cancel()
             await asyncio.to_thread(async_engine.stop)
+            tokenizer.close()
 
     app = FastAPI(title="Pageant", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API of the Pageant inference engine.")
@@ -122,6 +133,9 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
     app.state.adapters = adapters
     app.state.config = config
     app.add_middleware(GuardMiddleware, api_keys=list(config.api_keys), max_body_bytes=config.max_body_bytes,
+                       on_reject=lambda status: metrics.failure(_FAILURE_REASONS.get(status, str(status))))
+    app.add_middleware(HeaderLimitMiddleware, max_header_bytes=config.max_header_bytes,  # outermost: first
+                       max_header_count=config.max_header_count,
                        on_reject=lambda status: metrics.failure(_FAILURE_REASONS.get(status, str(status))))
 
     # ------------------------------------------------------------------ errors
@@ -240,17 +254,23 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
         if body.messages is not None:
             if not body.messages:
                 raise APIError(400, "messages must not be empty", param="messages")
-            ids = tokenizer.chat_ids(body.messages, body.add_generation_prompt)
+            ids = await tokenizer.achat_ids(body.messages, body.add_generation_prompt)
         else:
-            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        return p.TokenizeResponse(count=len(ids), max_model_len=max_model_len, tokens=ids)
+            ids = await tokenizer.aencode(body.prompt, add_special_tokens=body.add_special_tokens)
+        # a long prompt's reply (p.TokenizeResponse) is megabytes of JSON: build it off the event loop, in
+        # pieces, so that the GIL passes back to the loop between them
+        def reply() -> str:
+            parts = [",".join(map(str, ids[i : i + 8192])) for i in range(0, len(ids), 8192)]
+            return f'{{"count":{len(ids)},"max_model_len":{max_model_len},"tokens":[{",".join(parts)}]}}'
+
+        return Response(await tokenizer.run(reply), media_type="application/json")
 
     @app.post("/detokenize", response_model=p.DetokenizeResponse, responses=_errors_route_responses())
     async def detokenize(body: p.DetokenizeRequest):
         serving.resolve_model(body.model)
         if body.tokens:
             check_prompt_ids(body.tokens, limits, param="tokens")
-        return p.DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+        return p.DetokenizeResponse(prompt=await tokenizer.adecode(body.tokens))
 
     return app
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import queue
 import threading
@@ -87,13 +88,31 @@ class _Stream:
             pass
 
 
+class Admission:
+    """Places held for requests that passed ``AsyncEngine.reserve`` and are not open yet (they are
+    being tokenized). ``AsyncEngine.open`` takes one per request; ``release()`` frees the rest."""
+
+    def __init__(self, engine: "AsyncEngine", keys: list[int]):
+        self.engine = engine
+        self.keys = keys
+
+    def take(self) -> int | None:
+        return self.keys.pop(0) if self.keys else None
+
+    def release(self) -> None:
+        for key in self.keys:
+            self.engine._slots.pop(key, None)
+        self.keys = []
+
+
 class RequestHandle:
     """One admitted request: iterate ``outputs()``; ``close()`` aborts it if it has not finished."""
 
-    def __init__(self, engine: "AsyncEngine", request_id: str, stream: _Stream):
+    def __init__(self, engine: "AsyncEngine", request_id: str, stream: _Stream, slot: int | None = None):
         self.engine = engine
         self.request_id = request_id
         self.stream = stream
+        self.slot = slot
         self.closed = False
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
@@ -111,6 +130,7 @@ class RequestHandle:
             return
         self.closed = True
         self.engine.num_inflight -= 1
+        self.engine._slots.pop(self.slot, None)
         if not self.stream.finished:
             self.stream.finished = True
             self.engine.abort(self.request_id)
@@ -121,24 +141,31 @@ class RequestHandle:
 class AsyncEngine:
     """Runs an ``LLMEngine`` on its own thread and serves requests to asyncio code.
 
-    ``max_queued_requests``: admitted requests that have not produced a token yet, beyond which
-    ``add`` raises ``QueueFullError`` at once. ``stall_timeout``: how long the loop may go without a
-    heartbeat (one per iteration, at least every ``idle_wait`` seconds when idle) before it is
-    reported unhealthy.
+    ``max_queued_requests``: how many requests may wait for the engine beyond those it can run at
+    once; ``reserve`` (and ``check_capacity``) raise ``QueueFullError`` past it. Unfinished requests
+    (admitted, or reserved while their prompts are tokenized) fill the engine's ``max_num_seqs``
+    sequence slots in arrival order (a request takes ``best_of`` or ``n`` of them); the ones that do not
+    fit are the queued ones. So a burst on an idle engine is admitted up to its free slots plus
+    ``max_queued_requests`` (requests the scheduler holds back for other reasons, such as KV-cache room
+    or the prefill token budget of one step, are not counted as queued). ``max_num_seqs``: the slots
+    (default: the engine config's). ``stall_timeout``: how long the loop may go without a heartbeat
+    (one per iteration, at least every ``idle_wait`` seconds when idle) before it is reported unhealthy.
     """
 
     def __init__(self, engine, metrics: ServerMetrics | None = None, *, max_queued_requests: int | None = None,
-                 stall_timeout: float = 120.0, idle_wait: float = 0.5):
+                 stall_timeout: float = 120.0, idle_wait: float = 0.5, max_num_seqs: int | None = None):
         self.engine = engine
         self.metrics = metrics
         self.max_queued_requests = max_queued_requests
+        if max_num_seqs is None:
+            max_num_seqs = getattr(getattr(engine, "config", None), "max_num_seqs", 0)
+        self.max_num_seqs = int(max_num_seqs or 0)
+        self._slots: dict[int, int] = {}  # event loop side: unfinished request -> its sequences, in arrival order
+        self._slot_ids = itertools.count()
         self.stall_timeout = stall_timeout
         self.idle_wait = idle_wait
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
-        self._waiting: set[str] = set()  # admitted, no output yet (engine thread only)
-        self._pending_adds = 0  # submitted, not yet seen by the engine thread
-        self._pending_lock = threading.Lock()
         self._stats: dict = {}
         self._heartbeat = time.monotonic()
         self._thread: threading.Thread | None = None
@@ -166,7 +193,17 @@ class AsyncEngine:
     # ---------------------------------------------------------------- state
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting) + self._pending_adds
+        """Unfinished requests beyond the engine's sequence slots (see the class docstring)."""
+        return self._num_queued()
+
+    def _num_queued(self, extra: list[int] | tuple = ()) -> int:
+        """Queued requests once ``extra`` requests (their sequence counts) arrive too."""
+        used = queued = 0
+        for seqs in [*self._slots.values(), *extra]:
+            used += seqs
+            if used > self.max_num_seqs:
+                queued += 1
+        return queued
 
     def stats(self) -> dict:
         return self._stats
@@ -185,12 +222,28 @@ class AsyncEngine:
         return True, "ok"
 
     # ---------------------------------------------------------------- event loop side
-    def check_capacity(self, num_requests: int = 1) -> None:
-        """Raise before any work (tokenizing included) if the request cannot be admitted now."""
+    def check_capacity(self, num_requests: int = 1, seqs_per_request: int = 1) -> None:
+        """Raise before any work (tokenizing included) if the requests cannot be admitted now."""
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
-        if self.max_queued_requests is not None and self.num_waiting + num_requests > self.max_queued_requests:
-            raise QueueFullError(f"{self.num_waiting} requests are waiting (limit {self.max_queued_requests})")
+        if self.max_queued_requests is None:
+            return
+        queued = self._num_queued([max(1, seqs_per_request)] * num_requests)
+        if queued > self.max_queued_requests:
+            waiting = self._num_queued()
+            raise QueueFullError(f"{waiting} requests are waiting beyond the {self.max_num_seqs} sequences the engine "
+                                 f"runs at once (limit {self.max_queued_requests})")
+
+    def reserve(self, num_requests: int = 1, seqs_per_request: int = 1) -> Admission:
+        """``check_capacity``, then hold the requests' places until they are opened (pass the result to
+        ``open``) or released: concurrent requests being tokenized count against the limit too."""
+        self.check_capacity(num_requests, seqs_per_request)
+        keys = []
+        for _ in range(num_requests):
+            key = next(self._slot_ids)
+            self._slots[key] = max(1, seqs_per_request)
+            keys.append(key)
+        return Admission(self, keys)
 
     async def add(self, request_id: str, prompt: Any, params: SamplingParams, *, priority: int = 0,
                   **engine_kwargs) -> _Stream:
@@ -199,8 +252,6 @@ class AsyncEngine:
             raise EngineDeadError(self.dead_reason or "engine loop is not running")
         stream = _Stream(asyncio.get_running_loop())
         cmd = _Add(request_id, prompt, params, priority, time.time(), stream, engine_kwargs)
-        with self._pending_lock:
-            self._pending_adds += 1
         self._commands.put(cmd)
         try:
             await asyncio.wrap_future(cmd.accepted)
@@ -221,18 +272,24 @@ class AsyncEngine:
         return await asyncio.wrap_future(cmd.result)
 
     async def open(self, request_id: str, prompt: Any, params: SamplingParams, *, priority: int = 0,
-                   **engine_kwargs) -> "RequestHandle":
+                   admission: Admission | None = None, **engine_kwargs) -> "RequestHandle":
         """Admit a request and return its handle; raises ``InvalidRequestError`` or ``EngineDeadError``.
+        It takes one place of ``admission`` (from ``reserve``), if given.
 
         The caller must ``close()`` the handle (in a ``finally``): closing an unfinished request aborts it.
         """
+        slot = admission.take() if admission is not None else None
+        if slot is None:
+            slot = next(self._slot_ids)
+            self._slots[slot] = max(1, getattr(params, "num_samples", 1))
         self.num_inflight += 1
         try:
             stream = await self.add(request_id, prompt, params, priority=priority, **engine_kwargs)
         except BaseException:
             self.num_inflight -= 1
+            self._slots.pop(slot, None)
             raise
-        return RequestHandle(self, request_id, stream)
+        return RequestHandle(self, request_id, stream, slot)
 
     def fail_all(self, message: str, status: int = 503) -> None:
         """Ask the engine thread to end every request with an error (used when draining times out)."""
@@ -265,7 +322,6 @@ class AsyncEngine:
             for stream in self._streams.values():
                 stream.put_threadsafe(RequestFailedError(f"engine loop died: {exc!r}"))
             self._streams.clear()
-            self._waiting.clear()
             self._fail_pending(EngineDeadError(self.dead_reason))
 
     def _fail_pending(self, exc: BaseException) -> None:
@@ -275,8 +331,6 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if isinstance(cmd, _Add):
-                with self._pending_lock:
-                    self._pending_adds -= 1
                 cmd.accepted.set_exception(exc)
             elif isinstance(cmd, _Call):
                 cmd.result.set_exception(exc)
@@ -298,8 +352,6 @@ class AsyncEngine:
 
     def _apply(self, cmd) -> None:
         if isinstance(cmd, _Add):
-            with self._pending_lock:
-                self._pending_adds -= 1
             if not cmd.accepted.set_running_or_notify_cancel():
                 return  # the caller went away before the request was admitted
             lora = cmd.engine_kwargs.get("lora_request")
@@ -315,7 +367,6 @@ class AsyncEngine:
                 cmd.accepted.set_exception(exc if isinstance(exc, InvalidRequestError) else InvalidRequestError(str(exc)))
                 return
             self._streams[cmd.request_id] = cmd.stream
-            self._waiting.add(cmd.request_id)
             cmd.accepted.set_result(None)
         elif isinstance(cmd, _Abort):
             live = [rid for rid in cmd.request_ids if rid in self._streams]
@@ -323,7 +374,6 @@ class AsyncEngine:
                 self.engine.abort_request(live)
             for rid in live:
                 self._streams.pop(rid, None)
-                self._waiting.discard(rid)
                 if self.metrics is not None:
                     self.metrics.forget(rid)
             self._stats = dict(self.engine.stats())
@@ -337,7 +387,6 @@ class AsyncEngine:
             ids = list(self._streams)
             if ids:
                 self.engine.abort_request(ids)
-            self._waiting.clear()
             self._stats = dict(self.engine.stats())
             for rid in ids:
                 if self.metrics is not None:
@@ -354,7 +403,6 @@ class AsyncEngine:
             self._stats = dict(self.engine.stats())
             failed = []
             for rid in exc.request_ids:
-                self._waiting.discard(rid)
                 if self.metrics is not None:
                     self.metrics.forget(rid)
                     self.metrics.failure("engine_error")
@@ -369,7 +417,6 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:  # aborted meanwhile
                 continue
-            self._waiting.discard(out.request_id)
             if self.metrics is not None:
                 self.metrics.observe_output(out, now)
             if out.finished:

@@ -131,7 +131,7 @@ class ErrorInfo(BaseModel):
     message: str
     type: str
     param: str | None = None
-    code: str | int | None = None
+    code: str | None = None  # OpenAI's ``Error.code``: a string or null
 
 
 class ErrorResponse(BaseModel):
@@ -179,12 +179,15 @@ class ChatTokenLogprob(TopLogprob):
 
 
 class ChatLogprobs(BaseModel):
+    # OpenAI requires both keys (null when absent): the engine never refuses, so ``refusal`` is null
     content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
 
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: str | None = None  # required by OpenAI's ChatCompletionResponseMessage (null: no refusal)
 
 
 class ChatChoice(BaseModel):
@@ -231,12 +234,22 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionChunk(BaseModel):
+    """A streamed completion: OpenAI's ``CreateCompletionResponse`` shape, whose ``usage`` is an
+    object or absent (never null), so chunks without usage leave it out."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_null_usage(self, handler):
+        data = handler(self)
+        if data.get("usage") is None:
+            data.pop("usage", None)
+        return data
 
 
 class ModelCard(BaseModel):

@@ -1,7 +1,8 @@
 """The completions and chat-completions handlers: prompt → engine requests → OpenAI responses/streams.
 
 Order of work for every request: model name, draining, cheap range checks, capacity (429 before
-any tokenizing), tokenization and context-length checks, admission to the engine (which may still
+any tokenizing; the places are held while the prompt is tokenized), tokenization (on the tokenizer's
+thread pool, off the event loop) and context-length checks, admission to the engine (which may still
 refuse with a 400), then either a JSON body or server-sent events. A client that disconnects (while
 queued, generating or streaming) has its requests aborted at once.
 """
@@ -20,8 +21,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pageant.engine import InvalidRequestError, RequestOutput
 from pageant.engine.server import protocol as p
-from pageant.engine.server.async_engine import (AdapterGoneError, AsyncEngine, EngineDeadError, QueueFullError,
-                                                RequestFailedError, RequestHandle)
+from pageant.engine.server.async_engine import (AdapterGoneError, Admission, AsyncEngine, EngineDeadError,
+                                                QueueFullError, RequestFailedError, RequestHandle)
 from pageant.engine.server.formatting import (chat_logprobs, completion_logprobs, text_logprobs_for_stream)
 from pageant.engine.server.tokens import ServerTokenizer
 from pageant.engine.server.validation import (APIError, Limits, check_common, check_prompt_ids, resolve_max_tokens,
@@ -112,6 +113,9 @@ class OpenAIServing:
         self.log_requests = log_requests
         self.adapters = adapters
         self.draining = False
+        # `pageant serve --generation-config`: sampling defaults for fields a request leaves unset, and
+        # "max_tokens" as a cap on every request's (vLLM's semantics); empty: the built-in defaults
+        self.default_sampling_params: dict = {}
 
     # ------------------------------------------------------------------ shared steps
     def resolve_model(self, name: str | None) -> tuple[str, dict]:
@@ -124,11 +128,12 @@ class OpenAIServing:
                 return name, {"lora_request": lora}
         raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
-    def admit(self, num_requests: int) -> None:
+    def admit(self, num_requests: int, seqs_per_request: int = 1) -> Admission:
+        """Places for the requests (release them once opened or refused), or a 429/503 before any work."""
         if self.draining:
             raise APIError(503, "The server is shutting down.", code="server_shutting_down")
         try:
-            self.engine.check_capacity(num_requests)
+            return self.engine.reserve(num_requests, seqs_per_request)
         except QueueFullError as exc:
             raise APIError(429, f"Too many requests are waiting: {exc}. Retry later.", code="queue_full",
                            headers={"Retry-After": "1"}) from None
@@ -136,13 +141,13 @@ class OpenAIServing:
             raise APIError(503, f"The engine is not running: {exc}", code="engine_dead") from None
 
     async def _open_all(self, request_id: str, prompts: list[list[int]], params, priority: int,
-                        engine_kwargs: dict) -> list[RequestHandle]:
+                        engine_kwargs: dict, admission: Admission | None = None) -> list[RequestHandle]:
         handles: list[RequestHandle] = []
         try:
             for i, ids in enumerate(prompts):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
                 handles.append(await self.engine.open(rid, {"prompt_token_ids": ids}, params, priority=priority,
-                                                      **engine_kwargs))
+                                                      admission=admission, **engine_kwargs))
         except AdapterGoneError as exc:
             for h in handles:
                 h.close()
@@ -161,13 +166,23 @@ class OpenAIServing:
             raise
         return handles
 
-    def _log(self, request_id: str, prompt: str | list, params) -> None:
+    def _with_defaults(self, body):
+        """``body`` with the generation-config defaults filled in where it leaves a field unset."""
+        unset = {k: v for k, v in self.default_sampling_params.items()
+                 if k != "max_tokens" and getattr(body, k, 0) is None}
+        return body.model_copy(update=unset) if unset else body
+
+    def _cap_max_tokens(self, max_tokens: int) -> int:
+        cap = self.default_sampling_params.get("max_tokens")
+        return max_tokens if cap is None else min(max_tokens, cap)
+
+    def _log(self, request_id: str, prompt: str | list, params, num_prompt_tokens: int, lora=None) -> None:
         if not self.log_requests:
             return
-        text = prompt if isinstance(prompt, str) else str(prompt)
         if self.max_log_len is not None:
-            text = text[: self.max_log_len]
-        logger.info("request %s: prompt=%r params=%s", request_id, text, params)
+            prompt = prompt[: self.max_log_len]
+        logger.info("request %s: prompt_tokens=%d lora=%s params=%s prompt=%r", request_id, num_prompt_tokens,
+                    getattr(lora, "lora_name", None), params, prompt)
 
     def _failure_status(self, exc: RequestFailedError) -> APIError:
         return APIError(exc.status, str(exc), code="engine_error" if exc.status == 500 else "server_shutting_down")
@@ -213,6 +228,7 @@ class OpenAIServing:
     # ------------------------------------------------------------------ completions
     async def completions(self, body: p.CompletionRequest, raw: Request) -> Response:
         model, engine_kwargs = self.resolve_model(body.model)
+        body = self._with_defaults(body)
         check_common(body, self.limits)
         if body.cache_salt is not None:
             engine_kwargs["cache_salt"] = body.cache_salt
@@ -229,17 +245,26 @@ class OpenAIServing:
             raise APIError(400, "the prompt must not be empty", param="prompt")
         if len(prompt) > self.limits.max_prompts:
             raise APIError(400, f"at most {self.limits.max_prompts} prompts per request", param="prompt")
-        self.admit(len(prompt))
-        prompts = [self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in prompt]
-        for ids in prompts:
-            check_prompt_ids(ids, self.limits)
-        max_tokens = min(resolve_max_tokens(body.max_tokens, 16, len(ids), self.limits) for ids in prompts)
-        params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, limits=self.limits)
-        request_id = p.random_id("cmpl")
-        self._log(request_id, prompt[0], params)
-        handles = await self._open_all(request_id, prompts, params, body.priority, engine_kwargs)
-        echo = [self.tokenizer.decode(ids) if isinstance(x, list) else x for x, ids in zip(prompt, prompts)] \
-            if body.echo else None
+        admission = self.admit(len(prompt), min(body.best_of or body.n, self.limits.max_n))
+        try:  # tokenizing runs off the event loop; the admission holds the requests' places meanwhile
+            prompts = [await self.tokenizer.aencode(x) if isinstance(x, str) else list(x) for x in prompt]
+            for ids in prompts:
+                check_prompt_ids(ids, self.limits)
+            max_tokens = self._cap_max_tokens(min(resolve_max_tokens(body.max_tokens, 16, len(ids), self.limits)
+                                                  for ids in prompts))
+            params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, limits=self.limits)
+            request_id = p.random_id("cmpl")
+            self._log(request_id, prompt[0], params, len(prompts[0]), engine_kwargs.get("lora_request"))
+            handles = await self._open_all(request_id, prompts, params, body.priority, engine_kwargs, admission)
+        finally:
+            admission.release()
+        try:
+            echo = [await self.tokenizer.adecode(ids) if isinstance(x, list) else x
+                    for x, ids in zip(prompt, prompts)] if body.echo else None
+        except BaseException:
+            for handle in handles:
+                handle.close()
+            raise
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -306,6 +331,7 @@ class OpenAIServing:
     # ------------------------------------------------------------------ chat
     async def chat(self, body: p.ChatCompletionRequest, raw: Request) -> Response:
         model, engine_kwargs = self.resolve_model(body.model)
+        body = self._with_defaults(body)
         check_common(body, self.limits)
         if body.cache_salt is not None:
             engine_kwargs["cache_salt"] = body.cache_salt
@@ -317,16 +343,19 @@ class OpenAIServing:
             raise APIError(400, "tools are not supported", param="tools")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        self.admit(1)
-        ids = self.tokenizer.chat_ids(body.messages, body.add_generation_prompt)
-        check_prompt_ids(ids, self.limits, param="messages")
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = resolve_max_tokens(requested, None, len(ids), self.limits)
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, limits=self.limits)
-        request_id = p.random_id("chatcmpl")
-        self._log(request_id, ids, params)
-        handles = await self._open_all(request_id, [ids], params, body.priority, engine_kwargs)
+        admission = self.admit(1, body.n)
+        try:  # tokenizing runs off the event loop; the admission holds the request's place meanwhile
+            ids = await self.tokenizer.achat_ids(body.messages, body.add_generation_prompt)
+            check_prompt_ids(ids, self.limits, param="messages")
+            requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            max_tokens = self._cap_max_tokens(resolve_max_tokens(requested, None, len(ids), self.limits))
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, limits=self.limits)
+            request_id = p.random_id("chatcmpl")
+            self._log(request_id, ids, params, len(ids), engine_kwargs.get("lora_request"))
+            handles = await self._open_all(request_id, [ids], params, body.priority, engine_kwargs, admission)
+        finally:
+            admission.release()
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

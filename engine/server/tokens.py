@@ -1,25 +1,69 @@
-"""The server's own tokenizer handle: prompts are tokenized on the event loop, never on the engine thread.
+"""The server's own tokenizer handle: prompts are tokenized on a small thread pool, never on the
+event loop (a multi-megabyte prompt takes seconds, and /health must answer meanwhile) nor on the
+engine thread.
 
 It holds a private copy of the engine's Hugging Face tokenizer, so encoding here never races with the
-engine thread's incremental detokenization.
+engine thread's incremental detokenization; each pool thread works on its own copy (Hugging Face fast
+tokenizers release the GIL while they encode, so the event loop keeps running). The ``a*`` methods
+(``aencode``, ``adecode``, ``achat_ids``) are the ones request handlers use.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import copy
 import functools
+import os
+import threading
 
 from pageant.engine.server.protocol import ChatMessage
 from pageant.engine.server.validation import APIError
 
 
 class ServerTokenizer:
-    """Encode/decode and chat templating for request handling (one instance per app)."""
+    """Encode/decode and chat templating for request handling (one instance per app).
 
-    def __init__(self, hf_tokenizer):
+    ``chat_template``: a Jinja template used instead of the tokenizer's own (``pageant serve
+    --chat-template``); None: the tokenizer's."""
+
+    def __init__(self, hf_tokenizer, chat_template: str | None = None, num_threads: int | None = None):
         self.hf = hf_tokenizer
+        self.chat_template = chat_template
         self.bos_token = getattr(hf_tokenizer, "bos_token", None)
         self._token_str = functools.lru_cache(maxsize=65536)(self._decode_one)
+        self.num_threads = num_threads or min(4, os.cpu_count() or 1)
+        self._local = threading.local()  # a pool thread's own tokenizer copy
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.num_threads, thread_name_prefix="pageant-tokenize", initializer=self._init_thread)
+
+    def _init_thread(self) -> None:
+        try:
+            self._local.hf = copy.deepcopy(self.hf)
+        except Exception:  # noqa: BLE001 - a shared fast tokenizer is still safe for plain encode/decode
+            self._local.hf = self.hf
+
+    def _current(self):
+        """The tokenizer of the calling thread: a pool thread's copy, else the handle's own."""
+        hf = getattr(self._local, "hf", None)
+        return self.hf if hf is None else hf
+
+    async def run(self, fn, /, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the tokenizer pool (off the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor,
+                                                                functools.partial(fn, *args, **kwargs))
+
+    async def aencode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await self.run(self.encode, text, add_special_tokens)
+
+    async def adecode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return await self.run(self.decode, ids, skip_special_tokens)
+
+    async def achat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        return await self.run(self.chat_ids, messages, add_generation_prompt)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     @classmethod
     def from_engine(cls, engine) -> "ServerTokenizer":
@@ -36,10 +80,10 @@ class ServerTokenizer:
         return len(self.hf)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        return list(self._current().encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._current().decode(ids, skip_special_tokens=skip_special_tokens)
 
     def _decode_one(self, token_id: int) -> str:
         return self.hf.decode([token_id])
@@ -57,10 +101,12 @@ class ServerTokenizer:
             else:
                 content = "".join(part.text for part in m.content)
             msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        if not getattr(self.hf, "chat_template", None):
-            raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
+        if not (self.chat_template or getattr(self.hf, "chat_template", None)):
+            raise APIError(400, "this model has no chat template: use /v1/completions or pass --chat-template",
+                           param="messages")
         try:
-            return self.hf.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)
+            return self._current().apply_chat_template(msgs, chat_template=self.chat_template,
+                                               add_generation_prompt=add_generation_prompt, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - template errors (e.g. role order) are the caller's input
             raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
 

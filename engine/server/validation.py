@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from pageant.engine import InvalidRequestError, SamplingParams
+from pageant.engine.sampling_params import DEFAULT_STOP_LIMITS, StopLimits
 from pageant.engine.server.protocol import ChatCompletionRequest, CompletionRequest
 
 _TYPES = {
@@ -57,6 +58,7 @@ class Limits:
     max_n: int = 16
     max_logprobs: int = 20
     max_prompts: int = 64
+    stop: StopLimits = DEFAULT_STOP_LIMITS  # --max-stop-strings, --max-stop-chars, --max-stop-token-ids
 
 
 def _check_finite(req, names: tuple[str, ...]) -> None:
@@ -105,9 +107,27 @@ def check_common(req: CompletionRequest | ChatCompletionRequest, limits: Limits)
         raise APIError(400, "cache_salt must be a non-empty string if provided", param="cache_salt")
     if req.cache_salt is not None and len(req.cache_salt) > MAX_CACHE_SALT_CHARS:
         raise APIError(400, f"cache_salt must be at most {MAX_CACHE_SALT_CHARS} characters", param="cache_salt")
+    _check_stop(req, limits.stop)
     for token_id in req.stop_token_ids or ():
         if not 0 <= token_id < limits.vocab_size:
             raise APIError(400, f"stop_token_ids: token id {token_id} is out of the vocabulary", param="stop_token_ids")
+
+
+def _check_stop(req, limits: StopLimits) -> None:
+    """The caps on stop conditions (matched on the engine thread after every token), before any work."""
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stops) > limits.max_stop_strings:
+        raise APIError(400, f"stop: at most {limits.max_stop_strings} stop strings are allowed, got {len(stops)} "
+                       "(the server's --max-stop-strings)", param="stop", code="too_many_stop_strings")
+    total = sum(map(len, stops))
+    if total > limits.max_stop_chars:
+        raise APIError(400, f"stop: the stop strings may have at most {limits.max_stop_chars} characters in all, "
+                       f"got {total} (the server's --max-stop-chars)", param="stop", code="stop_strings_too_long")
+    count = len(req.stop_token_ids or ())
+    if count > limits.max_stop_token_ids:
+        raise APIError(400, f"stop_token_ids: at most {limits.max_stop_token_ids} stop token ids are allowed, got "
+                       f"{count} (the server's --max-stop-token-ids)", param="stop_token_ids",
+                       code="too_many_stop_token_ids")
 
 
 def check_prompt_ids(ids: list[int], limits: Limits, param: str = "prompt") -> None:
@@ -167,10 +187,11 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, *, max_token
         logit_bias=_logit_bias(req.logit_bias, limits.vocab_size),
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        stop_limits=limits.stop,
     )
     try:
         return SamplingParams(**kwargs)
     except InvalidRequestError as exc:
         message = str(exc)
-        param = next((name for name in kwargs if message.startswith(name)), None)
+        param = max((name for name in kwargs if message.startswith(name)), key=len, default=None)
         raise APIError(400, message, param=param) from None

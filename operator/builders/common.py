@@ -19,6 +19,15 @@ ADAPTERS_FILE = "adapters.json"
 MODEL_MOUNT = "/models"
 ADAPTER_PVC_MOUNT = "/adapters"
 HF_HOME = "/cache/huggingface"
+# The UID and GID of the images' USER (images/*.Dockerfile): every pod runs as it, and fsGroup lets
+# it write the volumes (HF cache, model cache). A test checks the Dockerfiles use the same number.
+RUN_AS_USER = 10001
+
+
+def pod_security_context() -> dict[str, Any]:
+    """The pods' securityContext ("restricted" Pod Security Standard, the images' UID)."""
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER, "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def names(spec: InferenceServiceSpec) -> dict[str, str]:

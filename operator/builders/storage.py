@@ -64,8 +64,7 @@ def download_job(spec: InferenceServiceSpec) -> dict[str, Any]:
             "metadata": {"labels": labels},
             "spec": {
                 "restartPolicy": "OnFailure", "automountServiceAccountToken": False,
-                "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                                    "seccompProfile": {"type": "RuntimeDefault"}},
+                "securityContext": common.pod_security_context(),
                 "containers": [{
                     "name": "download", "image": spec.engine.image, "command": ["python", "-c", DOWNLOAD_SCRIPT],
                     "env": env,

@@ -69,8 +69,9 @@ def adapter_entries(spec: InferenceServiceSpec) -> list[dict[str, str]]:
 def engine_args(spec: InferenceServiceSpec) -> list[str]:
     """Arguments after `pageant serve`, derived from the spec only."""
     e, m = spec.engine, spec.model
-    model = m.hub.repo if m.hub is not None else model_dir(spec)
-    args = ["--model", model, "--served-model-name", m.name, "--host", "0.0.0.0", "--port", str(common.HTTP_PORT)]
+    # no --model: `pageant serve` serves the demo model bundled in the image
+    args = [] if m.demo else ["--model", m.hub.repo if m.hub is not None else model_dir(spec)]
+    args += ["--served-model-name", m.name, "--host", "0.0.0.0", "--port", str(common.HTTP_PORT)]
     if m.hub is not None:
         if m.hub.revision:
             args += ["--revision", m.hub.revision]
@@ -181,8 +182,7 @@ def pod_template(spec: InferenceServiceSpec) -> dict[str, Any]:
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": PRESTOP_SLEEP_SECONDS + e.shutdown_timeout_seconds + GRACE_SLACK_SECONDS,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": common.pod_security_context(),
     }
     if spec.model.cache is not None:  # replicas wait until the download Job has filled the cache
         marker = f"{model_dir(spec)}/{DOWNLOAD_MARKER}"

@@ -8,9 +8,7 @@ strict field validation does.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import shutil
 import subprocess
 from typing import Any, Callable
 
@@ -19,22 +17,17 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.conftest import require_helm, require_schemas_dir
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "pageant"
 K8S_VERSION = "1.33"
 
 
-def _helm() -> str:
-    for candidate in (ROOT / ".venv" / "bin" / "helm", shutil.which("helm")):
-        if candidate and pathlib.Path(candidate).exists():
-            return str(candidate)
-    raise RuntimeError("helm not found: CI installs it into .venv/bin (.ci/install-helm)")
-
-
 @pytest.fixture(scope="session")
 def helm() -> Callable[..., subprocess.CompletedProcess]:
     """Run `helm ARGS...`; returns the CompletedProcess (never raises on a non-zero exit)."""
-    binary = _helm()
+    binary = require_helm()
 
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([binary, *args], capture_output=True, text=True, timeout=120)
@@ -73,10 +66,6 @@ def parse_rendered(text: str) -> list[dict[str, Any]]:
     return objs
 
 
-def _schemas_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("PAGEANT_SCHEMAS_DIR", ROOT.parent / "shared" / "schemas"))
-
-
 def _strict(schema: Any) -> Any:
     """Reject unknown fields where the structural schema lists the properties."""
     if isinstance(schema, dict):
@@ -94,8 +83,7 @@ def _strict(schema: Any) -> Any:
 def crd_validators() -> dict[tuple[str, str], jsonschema.protocols.Validator]:
     """(apiVersion, kind) -> a jsonschema validator built from the upstream CRDs."""
     validators = {}
-    folder = _schemas_dir()
-    assert folder.is_dir(), f"upstream CRD schemas not found at {folder} (set PAGEANT_SCHEMAS_DIR)"
+    folder = require_schemas_dir()
     for path in sorted(folder.glob("*.yaml")):
         for crd in yaml.safe_load_all(path.read_text()):
             if not crd or crd.get("kind") != "CustomResourceDefinition":

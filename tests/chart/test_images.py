@@ -1,5 +1,6 @@
-"""The Dockerfiles pass hadolint, run as non-root, and install the right extras; the wheel they
-install has the name they expect and the operator extra pulls no torch."""
+"""The Dockerfiles pass hadolint, run as non-root (the UID the operator's pods and the chart's
+operator pod run as), and install the right extras; the wheel they install has the name they
+expect and the operator extra pulls no torch."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"
-DOCKERFILES = ["engine.Dockerfile", "operator.Dockerfile"]
+# every Dockerfile/Containerfile in images/: each is linted and must run as the pods' UID
+DOCKERFILES = sorted(p.name for p in IMAGES.iterdir()
+                     if p.name.endswith((".Dockerfile", ".Containerfile")) or p.name.startswith(("Dockerfile",
+                                                                                                 "Containerfile")))
 
 
 def _hadolint() -> str:
@@ -26,6 +30,10 @@ def _hadolint() -> str:
 
 def _hadolint_run(path: pathlib.Path) -> subprocess.CompletedProcess:
     return subprocess.run([_hadolint(), "--failure-threshold", "info", str(path)], capture_output=True, text=True)
+
+
+def test_the_images():
+    assert DOCKERFILES == ["engine-cpu.Dockerfile", "engine.Dockerfile", "operator.Dockerfile"]
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -60,6 +68,51 @@ def test_engine_image():
     assert "[server,kernels]" in text and "torch.version.cuda" in text
     assert 'CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]' in text and "EXPOSE 8000" in text
     assert "--model" not in text.split("CMD", 1)[1] and "safetensors" not in text, "no model baked in"
+
+
+def test_engine_cpu_image():
+    text = (IMAGES / "engine-cpu.Dockerfile").read_text()
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)", text, re.M).group(1)
+    assert re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", base)
+    assert "ARG TORCH_VERSION=2.13.0" in text and "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    torch_line, wheel_line = [line for line in text.splitlines() if "pip install" in line]
+    assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in torch_line, "CPU torch first"
+    assert wheel_line.rstrip(" \\").endswith('whl[server]"'), "then pageant[server], no kernels (triton)"
+    assert "torch.version.cuda is None" in text and "checkpoint_path()" in text, "CPU torch and the demo model"
+    assert 'CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--device", "cpu"]' in text
+    assert "EXPOSE 8000" in text
+
+
+def _user(name: str) -> tuple[int, int]:
+    """(uid, gid) of the final stage's USER, which must be the user the image creates."""
+    final = _final_stage((IMAGES / name).read_text())
+    uid, gid = re.findall(r"^USER (\d+):(\d+)$", final, re.M)[-1]
+    assert re.search(rf"useradd --uid {uid} --user-group ", final), f"{name}: USER is not the user it creates"
+    return int(uid), int(gid)
+
+
+def test_images_and_pods_run_as_one_uid(render):
+    """Every image's USER is the UID/GID of the operator's engine pods and download Job, and of the
+    chart's operator pod (fsGroup too, so the pods can write their volumes)."""
+    from pageant.operator import render as operator_render
+    from pageant.operator import spec
+    from pageant.operator.builders import common
+
+    users = {name: _user(name) for name in DOCKERFILES}
+    assert set(users.values()) == {(common.RUN_AS_USER, common.RUN_AS_USER)}, users
+    uid, gid = users["engine.Dockerfile"]
+    body = {"apiVersion": "pageant.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "m"},
+            "spec": {"model": {"name": "m", "cache": {"repo": "org/m", "size": "1Gi"}}}}
+    pods = {c.kind: c.manifest["spec"]["template"]["spec"] for c in operator_render.children(spec.parse(body))
+            if c.kind in ("Deployment", "Job")}
+    assert set(pods) == {"Deployment", "Job"}
+    (operator,) = [o for o in render() if o["kind"] == "Deployment"]
+    pods["chart operator"] = operator["spec"]["template"]["spec"]
+    for what, pod in pods.items():
+        sc = pod["securityContext"]
+        assert (sc["runAsUser"], sc["runAsGroup"], sc["fsGroup"]) == (uid, gid, gid), what
+        for container in pod["containers"] + pod.get("initContainers", []):
+            assert "runAsUser" not in container.get("securityContext", {}), (what, container["name"])
 
 
 def test_operator_image():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 from typing import Any
@@ -13,21 +12,16 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import require_helm, require_prometheus
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "pageant"
 RELEASE, NAMESPACE = "pt", "pageant-system"
 
 
-def _helm() -> str:
-    for candidate in (ROOT / ".venv" / "bin" / "helm", shutil.which("helm")):
-        if candidate and pathlib.Path(candidate).exists():
-            return str(candidate)
-    raise RuntimeError("helm not found: CI installs it into .venv/bin (.ci/install-helm)")
-
-
 def render_chart(*set_: str) -> list[dict[str, Any]]:
     """`helm template` with `--set-json KEY=JSON` overrides."""
-    args = [_helm(), "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    args = [require_helm(), "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
     for s in set_:
         args += ["--set-json", s]
     out = subprocess.run(args, capture_output=True, text=True, timeout=120)
@@ -51,9 +45,7 @@ def rendered_rules_file(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    found = shutil.which("promtool")
-    assert found, "promtool not found: apt-get install prometheus (CI does)"
-    return found
+    return require_prometheus("promtool")
 
 
 def load_tool(name: str):
@@ -106,5 +98,5 @@ def obs():
     return types.SimpleNamespace(
         ROOT=ROOT, CHART=CHART, render_chart=render_chart, rule_groups=rule_groups,
         dashboard_module=dashboard_module, load_tool=load_tool, load_dashboards=load_dashboards, dashboard_queries=dashboard_queries,
-        variable_queries=variable_queries, substitute=substitute,
+        variable_queries=variable_queries, substitute=substitute, require_prometheus=require_prometheus,
     )

@@ -51,6 +51,7 @@ def _render_autoscaler(tmp: pathlib.Path, provider: str, metric: str, prometheus
 
 @pytest.fixture(scope="module")
 def stack(obs):
+    obs.require_prometheus()
     return obs.load_tool("live_stack")
 
 

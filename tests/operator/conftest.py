@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import pathlib
 from typing import Any, Callable
 
@@ -12,6 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.conftest import require_schemas_dir
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.33"
 UPSTREAM = {  # (apiVersion, kind) -> file under PAGEANT_SCHEMAS_DIR
@@ -19,10 +20,6 @@ UPSTREAM = {  # (apiVersion, kind) -> file under PAGEANT_SCHEMAS_DIR
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
 }
-
-
-def schemas_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("PAGEANT_SCHEMAS_DIR", ROOT.parent / "shared" / "schemas"))
 
 
 def crd_validator(crd: dict[str, Any], version: str) -> jsonschema.Draft4Validator:
@@ -37,9 +34,9 @@ def crd_validator(crd: dict[str, Any], version: str) -> jsonschema.Draft4Validat
 @pytest.fixture(scope="session")
 def upstream_validators() -> dict[tuple[str, str], jsonschema.Draft4Validator]:
     out = {}
+    folder = require_schemas_dir(*UPSTREAM.values())
     for (api_version, kind), filename in UPSTREAM.items():
-        path = schemas_dir() / filename
-        assert path.exists(), f"upstream CRD schema missing: {path} (set PAGEANT_SCHEMAS_DIR)"
+        path = folder / filename
         crd = yaml.safe_load(path.read_text())
         assert crd["spec"]["names"]["kind"] == kind
         out[(api_version, kind)] = crd_validator(crd, api_version.split("/")[1])

@@ -32,6 +32,7 @@ FEATURES = {
     "hub": {"model": {"name": "m", "hub": {"repo": "org/m", "revision": "v2", "tokenSecretRef": {"name": "hf"}}}},
     "pvc": {"model": {"name": "m", "pvc": {"claimName": "weights", "path": "llama"}}},
     "cache": {"model": {"name": "m", "cache": {"repo": "org/m", "size": "40Gi", "storageClassName": "fast"}}},
+    "demo": {"model": {"name": "pageant-demo", "demo": {}}, "resources": {"gpus": 0, "cpu": "1", "memory": "2Gi"}},
     "knobs": {"engine": {"image": "reg/engine:1", "maxModelLen": 4096, "maxNumSeqs": 64, "maxNumBatchedTokens": 2048,
                          "gpuMemoryUtilization": 0.85, "dtype": "bfloat16", "enablePrefixCaching": True,
                          "tensorParallelSize": 2, "maxLoras": 2, "maxLoraRank": 32, "maxCpuLoras": 4,
@@ -153,8 +154,9 @@ def test_probes_drain_security_and_rollout(make_body):
     pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + 60
     assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
-    # Restricted Pod Security Standard.
+    # Restricted Pod Security Standard, as the images' user (tests/chart/test_images.py checks the Dockerfiles).
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["runAsGroup"] == common.RUN_AS_USER
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     for ctr in pod["containers"] + pod.get("initContainers", []):
         sc = ctr["securityContext"]
@@ -316,7 +318,7 @@ def test_render_reads_stdin_and_skips_other_kinds(make_body):
     assert missing.returncode == 2 and "cannot read" in missing.stderr
 
 
-@pytest.mark.parametrize("feature", ["hub", "pvc", "cache", "knobs", "adapters"])
+@pytest.mark.parametrize("feature", ["hub", "pvc", "cache", "demo", "knobs", "adapters"])
 def test_engine_accepts_the_rendered_args(make_body, feature):
     """Contract with the engine: its own argument parser takes what the operator renders."""
     from pageant.engine.server.cli import build_parser  # test-only: the operator never imports the engine
@@ -328,6 +330,20 @@ def test_engine_accepts_the_rendered_args(make_body, feature):
     parsed = build_parser().parse_args(args)
     assert parsed.port == 8000 and parsed.host == "0.0.0.0"
     assert parsed.served_model_name == [body["spec"]["model"]["name"]]
+    assert (parsed.model is None) is (feature == "demo")  # no --model: `pageant serve` serves the demo
+
+
+def test_demo_model_on_cpu(make_body):
+    """The bundled demo model: no --model, no weights volume, no GPU, nothing downloaded."""
+    kids = _children(make_body(**FEATURES["demo"]))
+    assert set(kids) == {"Deployment", "Service", "NetworkPolicy"}
+    c = _container(kids)
+    assert "--model" not in c["args"] and "--device" not in c["args"]
+    assert _flag(c["args"], "--served-model-name") == "pageant-demo"
+    assert c["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
+    volumes = kids["Deployment"]["spec"]["template"]["spec"]["volumes"]
+    assert not [v for v in volumes if "persistentVolumeClaim" in v]
+    assert "HF_TOKEN" not in {e["name"] for e in c["env"]}
 
 
 def test_download_job_script(tmp_path, make_body):

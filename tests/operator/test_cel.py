@@ -80,6 +80,8 @@ CASES = [
     ({"model": {"name": "m", "pvc": {"claimName": "w", "path": "../x"}}}, "'..'"),
     ({"model": {"name": "m", "pvc": {"claimName": "w", "path": "a/b"}}}, None),
     ({"model": {"name": "m", "hub": {"repo": "o/m"}, "pvc": {"claimName": "w"}}}, "exactly one model source"),
+    ({"model": {"name": "m", "hub": {"repo": "o/m"}, "demo": {}}}, "exactly one model source"),
+    ({"model": {"name": "m", "demo": {}}, "resources": {"gpus": 0}}, None),
     ({"adapters": [{"name": "a", "pvc": {"claimName": "w", "path": "x/../../y"}}]}, "'..'"),
 ]
 

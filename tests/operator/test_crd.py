@@ -78,6 +78,7 @@ def test_examples_pass_the_crd_schema_and_python_rules(examples, our_validator):
 @pytest.mark.parametrize("mutate,fragment", [
     (lambda s: s["model"].update(pvc={"claimName": "w"}), "model"),          # two sources
     (lambda s: s["model"].pop("hub"), "model"),                                # no source
+    (lambda s: s["model"].update(demo={}), "model"),                           # hub and demo
     (lambda s: s.update(engine={"dtype": "int3"}), "dtype"),                   # enum
     (lambda s: s.update(engine={"gpuMemoryUtilization": 0}), "gpuMemoryUtilization"),  # exclusive range
     (lambda s: s.update(engine={"gpuMemoryUtilization": 1.5}), "gpuMemoryUtilization"),

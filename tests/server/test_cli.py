@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -151,3 +152,169 @@ def test_engine_flags_reach_the_engine_config():
                       "block_size": 8, "num_kv_blocks": 99, "attention_backend": "triton",
                       "enable_prefix_caching": True, "enforce_eager": True, "seed": 3}
     assert "enforce_eager" not in engine_kwargs(build_parser().parse_args([]))
+
+
+# ---------------------------------------------------------------------- the vLLM-style command line
+
+
+def test_every_flag_has_help_and_the_help_shows_defaults_without_markup(capsys):
+    import re
+
+    from pageant.engine.server.cli import build_parser, main
+
+    for action in build_parser()._actions:
+        assert action.help and action.help.strip(), f"{action.option_strings or action.dest} has no help"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default:" in out and "(default: auto)" in out and "(default: 8000)" in out
+    assert "``" not in out and not re.search(r":[a-z]+:`", out)
+    for flag in ("MODEL", "--tokenizer", "--chat-template", "--trust-remote-code", "--generation-config",
+                 "--enable-chunked-prefill", "--no-enable-chunked-prefill", "--enable-log-requests"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("argv", [["--max-model", "64"], ["--enable-log"], ["--no-such-flag"],
+                                  ["--max-model-len=64", "--hots", "x"]])
+def test_abbreviated_and_unknown_flags_are_errors(capsys, argv):
+    from pageant.cli import main as pageant_main
+    from pageant.engine.server.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # the same through the `pageant` dispatcher
+        pageant_main(["serve", *argv])
+    assert exit_info.value.code == 2
+
+
+def test_positional_model_and_model_flag(capsys, tiny_checkpoint):
+    from pageant.engine.server.cli import build_parser, model_argument
+
+    parse = build_parser().parse_args
+    assert model_argument(parse([tiny_checkpoint])) == tiny_checkpoint
+    assert model_argument(parse(["--port", "1", tiny_checkpoint, "--dtype", "float32"])) == tiny_checkpoint
+    assert model_argument(parse(["--model", tiny_checkpoint])) == tiny_checkpoint
+    assert model_argument(parse([tiny_checkpoint, "--model", tiny_checkpoint])) == tiny_checkpoint
+    assert model_argument(parse([])) is None  # the bundled demo model
+    assert _main(tiny_checkpoint, "--model", "/some/other/model") == 2
+    err = capsys.readouterr().err
+    assert "positional MODEL" in err and "--model" in err and "differ" in err
+    assert _main("./no/such/positional/dir") == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_tokenizer_flag_reaches_the_engine_config():
+    from pageant.engine.server.cli import build_parser, engine_kwargs
+
+    assert engine_kwargs(build_parser().parse_args(["--tokenizer", "/tok"]))["tokenizer"] == "/tok"
+    assert "tokenizer" not in engine_kwargs(build_parser().parse_args([]))
+    build_parser().parse_args(["--trust-remote-code"])  # accepted (and ignored)
+
+
+def test_no_chunked_prefill_budget_covers_the_context(tmp_path, tiny_checkpoint):
+    from pageant.engine.config import EngineConfig, ModelConfig
+    from pageant.engine.server.cli import StartupError, build_parser, engine_kwargs
+
+    parse = build_parser().parse_args
+    default = EngineConfig.__dataclass_fields__["max_num_batched_tokens"].default
+    # chunked prefill (the default, or asked for): the budget is what was given, else the engine's
+    assert "max_num_batched_tokens" not in engine_kwargs(parse([]), tiny_checkpoint)
+    assert engine_kwargs(parse(["--enable-chunked-prefill", "--max-num-batched-tokens", "64"]),
+                         tiny_checkpoint)["max_num_batched_tokens"] == 64
+    # without it: at least --max-model-len, else the checkpoint's context length
+    no_chunks = ["--no-enable-chunked-prefill"]
+    assert engine_kwargs(parse([*no_chunks, "--max-model-len", "8192"]))["max_num_batched_tokens"] == 8192
+    assert engine_kwargs(parse([*no_chunks, "--max-model-len", "100"]))["max_num_batched_tokens"] == default
+    long_ctx = tmp_path / "long"
+    long_ctx.mkdir()
+    config = json.loads((pathlib.Path(tiny_checkpoint) / "config.json").read_text())
+    (long_ctx / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 5000}))
+    kwargs = engine_kwargs(parse(["--no-enable-chunked-prefill", "--dtype", "float32"]), str(long_ctx))
+    assert kwargs["max_num_batched_tokens"] == 5000 >= ModelConfig.from_pretrained(long_ctx).max_position_embeddings
+    assert EngineConfig(model=str(long_ctx), **kwargs).max_num_batched_tokens == 5000
+    assert engine_kwargs(parse(["--no-enable-chunked-prefill", "--max-num-batched-tokens", "6000"]),
+                         str(long_ctx))["max_num_batched_tokens"] == 6000
+    with pytest.raises(StartupError, match="smaller than --max-model-len"):
+        engine_kwargs(parse(["--no-enable-chunked-prefill", "--max-num-batched-tokens", "256"]), str(long_ctx))
+
+
+def test_chat_template_from_a_file_or_inline(capsys, tmp_path):
+    from pageant.engine.server.cli import StartupError, load_chat_template
+
+    assert load_chat_template(None) is None
+    path = tmp_path / "template.jinja"
+    path.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    assert load_chat_template(str(path)) == path.read_text()
+    assert load_chat_template("{{ messages[0]['content'] }}\\n") == "{{ messages[0]['content'] }}\n"
+    assert load_chat_template("{% for m in messages %}{% break %}{% endfor %}")  # transformers' loop controls
+    with pytest.raises(StartupError, match="does not parse"):
+        load_chat_template("{% for m in messages %}")
+    with pytest.raises(StartupError, match="looks like a file path"):
+        load_chat_template(str(tmp_path / "missing.jinja"))
+    assert _main("--chat-template", "{% if %}") == 2
+    err = capsys.readouterr().err
+    assert "--chat-template does not parse" in err and "Traceback" not in err
+
+
+def test_generation_config_defaults(tmp_path):
+    from pageant.engine.server.cli import StartupError, generation_defaults
+
+    model, other = tmp_path / "model", tmp_path / "other"
+    model.mkdir()
+    other.mkdir()
+    assert generation_defaults("auto", str(model)) == {}  # no generation_config.json
+    (model / "generation_config.json").write_text(json.dumps({
+        "temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "max_new_tokens": 7,
+        "do_sample": True, "eos_token_id": 2, "top_a": 3}))
+    assert generation_defaults("auto", str(model)) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05,
+                                                       "repetition_penalty": 1.1, "max_tokens": 7}
+    assert generation_defaults("vllm", str(model)) == {}
+    (other / "generation_config.json").write_text(json.dumps({"temperature": 0.0}))
+    assert generation_defaults(str(other), str(model)) == {"temperature": 0.0}
+    assert generation_defaults(str(other / "generation_config.json"), str(model)) == {"temperature": 0.0}
+    with pytest.raises(StartupError, match="no generation_config.json"):
+        generation_defaults(str(tmp_path / "missing"), str(model))
+    (other / "generation_config.json").write_text(json.dumps({"top_k": "many"}))
+    with pytest.raises(StartupError, match="top_k must be a number"):
+        generation_defaults(str(other), str(model))
+
+
+def test_busy_port_fails_at_once_before_loading_the_model(tmp_path):
+    """A nonexistent --model would fail later: the error must be the port's, within seconds."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        start = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "pageant.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                              "--model", str(tmp_path / "no-such-model")], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        elapsed = time.monotonic() - start
+    assert out.returncode == 2, out.stderr
+    assert f"port {port}" in out.stderr and "no such directory" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert elapsed < 5, elapsed
+
+
+def test_loader_progress_bar_only_on_a_terminal(monkeypatch, tiny_checkpoint):
+    import io
+
+    import torch
+
+    import pageant.kernels
+    from pageant.engine.config import ModelConfig
+    from pageant.engine.loader import load_model
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    path = pathlib.Path(tiny_checkpoint)
+    for stream, drawn in ((io.StringIO(), False), (Terminal(), True)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        load_model(path, ModelConfig.from_pretrained(path), pageant.kernels.get_ops("torch"), torch.float32,
+                   torch.device("cpu"), 64)
+        assert ("Loading weights" in stream.getvalue()) == drawn
