@@ -18,6 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pageant import __version__
 from pageant.engine.server import protocol as p
+from pageant.engine.server.protocol_embeddings import EmbeddingRequest, EmbeddingResponse
+from pageant.engine.server.serving_embeddings import embeddings
 from pageant.engine.server.adapters_config import AdapterSpec
 from pageant.engine.server.adapters_watch import AdapterManager
 from pageant.engine.sampling_params import StopLimits
@@ -112,6 +114,8 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
                     max_n=config.max_n, max_logprobs=config.max_logprobs, stop=config.stop_limits)
     serving = OpenAIServing(async_engine, tokenizer, limits, model_names=names, metrics=metrics,
                             max_log_len=config.max_log_len, log_requests=config.log_requests, adapters=adapters)
+    serving.runner = getattr(ecfg, "runner", "generate")
+    serving.eos_token_ids = frozenset(getattr(engine.tokenizer, "eos_token_ids", ()))  # beam search ends hypotheses there
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -210,6 +214,10 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=p.ChatCompletionResponse, responses=_generation_responses())
     async def chat_completions(body: p.ChatCompletionRequest, raw: Request):
         return await serving.chat(body, raw)
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_errors_route_responses())
+    async def create_embeddings(body: EmbeddingRequest, raw: Request):
+        return await embeddings(serving, body, raw)
 
     @app.post("/reset_prefix_cache", status_code=200, responses=_errors_route_responses())
     async def reset_prefix_cache():

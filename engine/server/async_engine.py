@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator
 
 from pageant.engine import EngineStepError, InvalidRequestError, RequestOutput, SamplingParams
+from pageant.engine.outputs import EmbeddingRequestOutput
 from pageant.engine.server.metrics import ServerMetrics
 
 logger = logging.getLogger("pageant.server")
@@ -417,11 +418,12 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:  # aborted meanwhile
                 continue
+            embedding = isinstance(out, EmbeddingRequestOutput)
             if self.metrics is not None:
-                self.metrics.observe_output(out, now)
+                self.metrics.observe_embedding(out, now) if embedding else self.metrics.observe_output(out, now)
             if out.finished:
                 del self._streams[out.request_id]
-            stream.put_threadsafe(_snapshot(out))
+            stream.put_threadsafe(out if embedding else _snapshot(out))  # (a finished embedding never changes)
 
 
 def _snapshot(out: RequestOutput) -> RequestOutput:

@@ -165,6 +165,16 @@ class ServerMetrics:
         self.prompt_len.labels(self.model_name).observe(len(out.prompt_token_ids))
         self.generation_len.labels(self.model_name).observe(sum(len(c.token_ids) for c in out.outputs))
 
+    def observe_embedding(self, out, now: float | None = None) -> None:
+        """A finished embedding request: a success, its latency and prompt length (no tokens generated)."""
+        now = time.time() if now is None else now
+        m = out.metrics
+        self.request_success.labels(self.model_name, "stop").inc()
+        self.e2e.labels(self.model_name).observe(max(0.0, (m.finished_time or now) - m.arrival_time))
+        if m.first_scheduled_time is not None:
+            self.queue_time.labels(self.model_name).observe(max(0.0, m.first_scheduled_time - m.arrival_time))
+        self.prompt_len.labels(self.model_name).observe(len(out.prompt_token_ids))
+
     def forget(self, request_id: str) -> None:
         with self._lock:
             self._last.pop(request_id, None)

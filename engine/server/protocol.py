@@ -58,6 +58,9 @@ class _SamplingFields(_Request):
     # prefix caching: only requests with the same salt share cached KV blocks (vLLM's field; keeps
     # one tenant from probing another's prompts through time-to-first-token)
     cache_salt: StrictStr | None = None
+    # beam search (vLLM's fields): ``n`` beams, the best ``n`` hypotheses returned
+    use_beam_search: StrictBool = False
+    length_penalty: Number = 1.0
 
 
 class CompletionRequest(_SamplingFields):

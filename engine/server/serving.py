@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pageant.engine import InvalidRequestError, RequestOutput
 from pageant.engine.server import protocol as p
+from pageant.engine.server import serving_beam
 from pageant.engine.server.async_engine import (AdapterGoneError, Admission, AsyncEngine, EngineDeadError,
                                                 QueueFullError, RequestFailedError, RequestHandle)
 from pageant.engine.server.formatting import (chat_logprobs, completion_logprobs, text_logprobs_for_stream)
@@ -113,6 +114,8 @@ class OpenAIServing:
         self.log_requests = log_requests
         self.adapters = adapters
         self.draining = False
+        self.runner = "generate"  # the engine's runner: "pooling" engines serve /v1/embeddings only
+        self.eos_token_ids: frozenset[int] = frozenset()
         # `pageant serve --generation-config`: sampling defaults for fields a request leaves unset, and
         # "max_tokens" as a cap on every request's (vLLM's semantics); empty: the built-in defaults
         self.default_sampling_params: dict = {}
@@ -246,6 +249,12 @@ class OpenAIServing:
         if len(prompt) > self.limits.max_prompts:
             raise APIError(400, f"at most {self.limits.max_prompts} prompts per request", param="prompt")
         admission = self.admit(len(prompt), min(body.best_of or body.n, self.limits.max_n))
+        if body.use_beam_search:
+            try:
+                prompts = [await self.tokenizer.aencode(x) if isinstance(x, str) else list(x) for x in prompt]
+            finally:
+                admission.release()
+            return await serving_beam.run(self, body, raw, prompts, model, engine_kwargs, "completion")
         try:  # tokenizing runs off the event loop; the admission holds the requests' places meanwhile
             prompts = [await self.tokenizer.aencode(x) if isinstance(x, str) else list(x) for x in prompt]
             for ids in prompts:
@@ -344,6 +353,12 @@ class OpenAIServing:
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         admission = self.admit(1, body.n)
+        if body.use_beam_search:
+            try:
+                ids = await self.tokenizer.achat_ids(body.messages, body.add_generation_prompt)
+            finally:
+                admission.release()
+            return await serving_beam.run(self, body, raw, [ids], model, engine_kwargs, "chat")
         try:  # tokenizing runs off the event loop; the admission holds the request's place meanwhile
             ids = await self.tokenizer.achat_ids(body.messages, body.add_generation_prompt)
             check_prompt_ids(ids, self.limits, param="messages")
