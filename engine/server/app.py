@@ -71,6 +71,10 @@ class ServerConfig:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT  # seconds a request header may take (--request-header-timeout)
     # caps on a request's stop conditions (--max-stop-strings, --max-stop-chars, --max-stop-token-ids)
     stop_limits: StopLimits = field(default_factory=StopLimits)
+    # chat: tool calls parsed from the text (tool_choice "auto") and reasoning split from the answer
+    tool_call_parser: str | None = None  # --tool-call-parser
+    enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice
+    reasoning_parser: str | None = None  # --reasoning-parser
 
 
 def _errors_route_responses() -> dict:
@@ -115,6 +119,10 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
     serving = OpenAIServing(async_engine, tokenizer, limits, model_names=names, metrics=metrics,
                             max_log_len=config.max_log_len, log_requests=config.log_requests, adapters=adapters)
     serving.runner = getattr(ecfg, "runner", "generate")
+    serving.tool_call_parser, serving.reasoning_parser = config.tool_call_parser, config.reasoning_parser
+    serving.enable_auto_tool_choice = config.enable_auto_tool_choice
+    if serving.runner == "generate" and hasattr(engine, "structured_outputs"):
+        engine.structured_outputs  # noqa: B018 - made now, before the engine thread and the server share it
     serving.eos_token_ids = frozenset(getattr(engine.tokenizer, "eos_token_ids", ()))  # beam search ends hypotheses there
 
     @contextlib.asynccontextmanager

@@ -196,6 +196,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise StartupError("--shutdown-timeout must be >= 0")
     if args.allowed_lora_root is not None and not os.path.isdir(args.allowed_lora_root):
         raise StartupError(f"--allowed-lora-root {args.allowed_lora_root}: no such directory")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise StartupError("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json, mistral, pythonic)")
 
 
 def _server_config(args: argparse.Namespace, api_keys: list[str]):
@@ -215,6 +217,8 @@ def _server_config(args: argparse.Namespace, api_keys: list[str]):
         max_header_bytes=args.h11_max_incomplete_event_size, max_header_count=args.h11_max_header_count,
         header_timeout=args.request_header_timeout,
         stop_limits=StopLimits(args.max_stop_strings, args.max_stop_chars, args.max_stop_token_ids),
+        tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
+        reasoning_parser=args.reasoning_parser,
     )
 
 

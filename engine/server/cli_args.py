@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--structured-outputs-config", default=None, metavar="JSON",
                    help='structured outputs, e.g. \'{"backend": "auto", "disable_any_whitespace": false}\' '
                         "(backend auto, xgrammar or guidance; None: auto)")
+    r.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='parse tool calls out of the model\'s text when tool_choice is "auto" (needs --tool-call-parser)')
+    r.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral", "pythonic"], default=None,
+                   help="the model's tool-call format: hermes (Qwen2.5, Hermes), llama3_json (Llama 3.1/3.2), "
+                        "mistral, pythonic (Llama 3.2/4)")
     r.add_argument("--reasoning-parser", choices=["deepseek_r1", "qwen3"], default=None,
                    help="split <think>...</think> into reasoning_content; structured outputs then constrain only "
                         "the answer after it")

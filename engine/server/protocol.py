@@ -29,6 +29,20 @@ class StreamOptions(_Request):
     include_usage: StrictBool = False
 
 
+class JsonSchemaFormat(_Request):
+    name: StrictStr = "response"
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | StrictBool | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` or ``json_schema`` (with its schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _SamplingFields(_Request):
     """Fields shared by completions and chat completions."""
 
@@ -61,6 +75,16 @@ class _SamplingFields(_Request):
     # beam search (vLLM's fields): ``n`` beams, the best ``n`` hypotheses returned
     use_beam_search: StrictBool = False
     length_penalty: Number = 1.0
+    # structured outputs (see structured.py): OpenAI's response_format, vLLM's structured_outputs
+    # object, and the older guided_* fields (aliases, never ignored)
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
+    guided_decoding_backend: StrictStr | None = None
+    guided_whitespace_pattern: StrictStr | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -78,14 +102,46 @@ class TextContentPart(_Request):
     text: StrictStr
 
 
+class FunctionCall(_Request):
+    name: StrictStr
+    arguments: StrictStr  # a JSON object, as a string (OpenAI's encoding)
+
+
+class ToolCallIn(_Request):
+    """An assistant message's earlier tool call, sent back in the history."""
+
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextContentPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant messages
+    tool_call_id: StrictStr | None = None  # tool messages: which call this is the result of
 
 
-class ResponseFormat(_Request):
-    type: StrictStr
+class FunctionDefinition(_Request):
+    name: StrictStr = Field(min_length=1, max_length=64)
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: StrictStr
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -96,8 +152,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
     add_generation_prompt: StrictBool = True
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
 
 class TokenizeRequest(_Request):
@@ -187,10 +244,31 @@ class ChatLogprobs(BaseModel):
     refusal: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: str | None = None  # required by OpenAI's ChatCompletionResponseMessage (null: no refusal)
+    tool_calls: list[ToolCallOut] | None = None
+    reasoning_content: str | None = None  # with --reasoning-parser: the model's <think> part (vLLM's field)
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler):  # tool_calls / reasoning_content only when there are some
+        data = handler(self)
+        for key in ("tool_calls", "reasoning_content"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -210,9 +288,34 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: the first names it (``id``, ``name``), later ones carry
+    argument pieces; ``index`` says which call of the message."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):  # OpenAI omits absent delta fields rather than sending nulls

@@ -21,10 +21,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pageant.engine import InvalidRequestError, RequestOutput
 from pageant.engine.server import protocol as p
-from pageant.engine.server import serving_beam
+from pageant.engine.server import serving_beam, serving_chat, structured
 from pageant.engine.server.async_engine import (AdapterGoneError, Admission, AsyncEngine, EngineDeadError,
                                                 QueueFullError, RequestFailedError, RequestHandle)
-from pageant.engine.server.formatting import (chat_logprobs, completion_logprobs, text_logprobs_for_stream)
+from pageant.engine.server.formatting import completion_logprobs, text_logprobs_for_stream
 from pageant.engine.server.tokens import ServerTokenizer
 from pageant.engine.server.validation import (APIError, Limits, check_common, check_prompt_ids, resolve_max_tokens,
                                               sampling_params)
@@ -116,6 +116,9 @@ class OpenAIServing:
         self.draining = False
         self.runner = "generate"  # the engine's runner: "pooling" engines serve /v1/embeddings only
         self.eos_token_ids: frozenset[int] = frozenset()
+        self.tool_call_parser: str | None = None  # --tool-call-parser
+        self.enable_auto_tool_choice = False  # --enable-auto-tool-choice
+        self.reasoning_parser: str | None = None  # --reasoning-parser
         # `pageant serve --generation-config`: sampling defaults for fields a request leaves unset, and
         # "max_tokens" as a cap on every request's (vLLM's semantics); empty: the built-in defaults
         self.default_sampling_params: dict = {}
@@ -168,6 +171,16 @@ class OpenAIServing:
                 h.close()
             raise
         return handles
+
+    async def _constraint(self, body, constraint=None):
+        """The request's structured-output constraint (or ``constraint``), compiled (a 400 if it
+        cannot be), or None."""
+        constraint = constraint or structured.constraint(body)
+        if constraint is not None:
+            if body.use_beam_search:
+                raise APIError(400, "structured outputs are not supported with use_beam_search", param="use_beam_search")
+            await structured.validate(self.engine.engine, constraint, body.guided_decoding_backend)
+        return constraint
 
     def _with_defaults(self, body):
         """``body`` with the generation-config defaults filled in where it leaves a field unset."""
@@ -233,6 +246,7 @@ class OpenAIServing:
         model, engine_kwargs = self.resolve_model(body.model)
         body = self._with_defaults(body)
         check_common(body, self.limits)
+        constraint = await self._constraint(body)
         if body.cache_salt is not None:
             engine_kwargs["cache_salt"] = body.cache_salt
         if body.suffix:
@@ -262,6 +276,7 @@ class OpenAIServing:
             max_tokens = self._cap_max_tokens(min(resolve_max_tokens(body.max_tokens, 16, len(ids), self.limits)
                                                   for ids in prompts))
             params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, limits=self.limits)
+            params.structured_outputs = constraint
             request_id = p.random_id("cmpl")
             self._log(request_id, prompt[0], params, len(prompts[0]), engine_kwargs.get("lora_request"))
             handles = await self._open_all(request_id, prompts, params, body.priority, engine_kwargs, admission)
@@ -339,92 +354,4 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ chat
     async def chat(self, body: p.ChatCompletionRequest, raw: Request) -> Response:
-        model, engine_kwargs = self.resolve_model(body.model)
-        body = self._with_defaults(body)
-        check_common(body, self.limits)
-        if body.cache_salt is not None:
-            engine_kwargs["cache_salt"] = body.cache_salt
-        if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
-            raise APIError(400, "max_completion_tokens must be at least 1", param="max_completion_tokens")
-        if body.response_format is not None and body.response_format.type != "text":
-            raise APIError(400, f"response_format {body.response_format.type!r} is not supported", param="response_format")
-        if body.tools:
-            raise APIError(400, "tools are not supported", param="tools")
-        if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        admission = self.admit(1, body.n)
-        if body.use_beam_search:
-            try:
-                ids = await self.tokenizer.achat_ids(body.messages, body.add_generation_prompt)
-            finally:
-                admission.release()
-            return await serving_beam.run(self, body, raw, [ids], model, engine_kwargs, "chat")
-        try:  # tokenizing runs off the event loop; the admission holds the request's place meanwhile
-            ids = await self.tokenizer.achat_ids(body.messages, body.add_generation_prompt)
-            check_prompt_ids(ids, self.limits, param="messages")
-            requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-            max_tokens = self._cap_max_tokens(resolve_max_tokens(requested, None, len(ids), self.limits))
-            logprobs = (body.top_logprobs or 0) if body.logprobs else None
-            params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, limits=self.limits)
-            request_id = p.random_id("chatcmpl")
-            self._log(request_id, ids, params, len(ids), engine_kwargs.get("lora_request"))
-            handles = await self._open_all(request_id, [ids], params, body.priority, engine_kwargs, admission)
-        finally:
-            admission.release()
-        created = int(time.time())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = functools.partial(self._chat_events, handles, request_id, created, model, len(ids), body,
-                                       include_usage)
-            return _EventStream(self._event_stream(handles, raw, events), handles)
-        finals = await self._collect(handles, raw)
-        if finals is None:  # the client went away
-            return Response(status_code=499)
-        out = finals[0][1]
-        choices, completion_tokens = [], 0
-        for c in out.outputs:
-            completion_tokens += len(c.token_ids)
-            lp = chat_logprobs(c, self.tokenizer, body.top_logprobs or 0, 0) if body.logprobs else None
-            choices.append(p.ChatChoice(index=c.index, message=p.ChatResponseMessage(content=c.text), logprobs=lp,
-                                        finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-        usage = p.UsageInfo(prompt_tokens=len(ids), completion_tokens=completion_tokens,
-                            total_tokens=len(ids) + completion_tokens)
-        resp = p.ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
-        return JSONResponse(resp.model_dump())
-
-    async def _chat_events(self, handles, request_id, created, model, num_prompt, body, include_usage,
-                           disconnect: asyncio.Task) -> AsyncIterator[str]:
-        """The chat chunks: the assistant role first, then the choices' deltas (the usage chunk last
-        when asked for)."""
-
-        def chunk(choices, usage=None) -> str:
-            return _sse(p.ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
-
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
-        completion_tokens = 0
-        yield chunk([p.ChatStreamChoice(index=i, delta=p.DeltaMessage(role="assistant", content=""))
-                     for i in range(body.n)])
-        async for _, out in _merged(handles, disconnect):
-            choices = []
-            for c in out.outputs:
-                start, tok_start = sent_text.get(c.index, 0), sent_tokens.get(c.index, 0)
-                delta = c.text[start:]
-                new_tokens = len(c.token_ids) - tok_start
-                finished = c.finish_reason is not None
-                if not delta and not finished and not (body.logprobs and new_tokens):
-                    continue
-                lp = chat_logprobs(c, self.tokenizer, body.top_logprobs or 0, tok_start) if body.logprobs else None
-                sent_text[c.index] = len(c.text)
-                sent_tokens[c.index] = len(c.token_ids)
-                if finished:
-                    completion_tokens += len(c.token_ids)
-                choices.append(p.ChatStreamChoice(index=c.index, delta=p.DeltaMessage(content=delta or None)
-                                                  if delta else p.DeltaMessage(), logprobs=lp,
-                                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-            if choices:
-                yield chunk(choices)
-        if include_usage:
-            usage = p.UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
-                                total_tokens=num_prompt + completion_tokens)
-            yield chunk([], usage)
+        return await serving_chat.chat(self, body, raw)

@@ -59,8 +59,9 @@ class ServerTokenizer:
     async def adecode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return await self.run(self.decode, ids, skip_special_tokens)
 
-    async def achat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        return await self.run(self.chat_ids, messages, add_generation_prompt)
+    async def achat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                        tools: list[dict] | None = None) -> list[int]:
+        return await self.run(self.chat_ids, messages, add_generation_prompt, tools)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -91,7 +92,10 @@ class ServerTokenizer:
     def token_str(self, token_id: int) -> str:
         return self._token_str(token_id)
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
+        """The prompt text; ``tools`` (OpenAI tool definitions) and the history's tool calls and tool
+        results go to the template as Hugging Face templates expect them (call arguments as dicts)."""
         msgs = []
         for m in messages:
             if m.content is None:
@@ -100,18 +104,38 @@ class ServerTokenizer:
                 content = m.content
             else:
                 content = "".join(part.text for part in m.content)
-            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+            msg = {"role": "system" if m.role == "developer" else m.role, "content": content}
+            if m.tool_calls:
+                msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                msg["name"] = m.name
+            msgs.append(msg)
         if not (self.chat_template or getattr(self.hf, "chat_template", None)):
             raise APIError(400, "this model has no chat template: use /v1/completions or pass --chat-template",
                            param="messages")
         try:
-            return self._current().apply_chat_template(msgs, chat_template=self.chat_template,
-                                               add_generation_prompt=add_generation_prompt, tokenize=False)
+            return self._current().apply_chat_template(msgs, chat_template=self.chat_template, tools=tools,
+                                                       add_generation_prompt=add_generation_prompt, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - template errors (e.g. role order) are the caller's input
             raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
 
-    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        text = self.render_chat(messages, add_generation_prompt)
+    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                 tools: list[dict] | None = None) -> list[int]:
+        text = self.render_chat(messages, add_generation_prompt, tools)
         # Templates that write the bos token themselves must not get a second one.
         add_special = not (self.bos_token and text.startswith(self.bos_token))
         return self.encode(text, add_special_tokens=add_special)
+
+
+def _arguments(text: str):
+    """A history tool call's arguments for the template: the JSON object (else the text as sent)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text

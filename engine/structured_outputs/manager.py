@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,7 @@ class StructuredOutputManager:
         self._backends: dict[str, Any] = {}
         self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
         self._cache: collections.OrderedDict[tuple, cf.Future] = collections.OrderedDict()
+        self._lock = threading.Lock()  # the server validates from its threads while the engine submits
 
     def backend_name(self, params: StructuredOutputsParams) -> str:
         """``auto``: xgrammar, which covers every kind (llguidance is the choice for Lark grammars)."""
@@ -91,20 +93,21 @@ class StructuredOutputManager:
             params = StructuredOutputsParams(**{**params.__dict__, "disable_any_whitespace": True})
         name = self.backend_name(params)
         key = (name, *params.key)
-        future = self._cache.get(key)
-        if future is not None and not (future.done() and future.exception() is not None):
-            self._cache.move_to_end(key)
-            return future
 
         def compile_():
             backend = self._backend(name)
             return backend, backend.compile(params), params
 
-        future = self._executor.submit(compile_)
-        self._cache[key] = future
-        while len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return future
+        with self._lock:
+            future = self._cache.get(key)
+            if future is not None:  # (a failed compile stays cached: the same bad input fails the same way)
+                self._cache.move_to_end(key)
+                return future
+            future = self._executor.submit(compile_)
+            self._cache[key] = future
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+            return future
 
     def validate(self, params: StructuredOutputsParams, timeout: float = 10.0) -> None:
         """Compile now (or take the cache); ``ValueError`` with the backend's message, or after
