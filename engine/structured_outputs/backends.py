@@ -59,6 +59,11 @@ class XGrammarBackend:
                 return c.compile_regex(choice_regex(params.choice))
             if kind == "grammar":
                 return c.compile_grammar(params.grammar)
+            tag = json.loads(params.structural_tag)
+            if isinstance(tag, dict) and "structures" in tag:  # vLLM's older {"structures", "triggers"} form
+                items = [self.xgr.StructuralTagItem(begin=t["begin"], schema=json.dumps(t.get("schema", {})),
+                                                    end=t["end"]) for t in tag["structures"]]
+                return c.compile_structural_tag(items, tag.get("triggers", []))
             return c.compile_structural_tag(params.structural_tag)
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError subclasses with its message
             raise ValueError(f"invalid {kind} for structured outputs (xgrammar): {exc}") from None

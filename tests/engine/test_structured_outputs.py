@@ -214,3 +214,23 @@ def test_constraint_starts_after_the_reasoning(tiny_checkpoint):
     assert allowed and all(llm.tokenizer.decode([t]) and "alpha".startswith(llm.tokenizer.decode([t])) for t in allowed)
     with pytest.raises(ValueError, match="reasoning parser"):
         LLM(model=tiny_checkpoint, structured_outputs_config={"reasoning_parser": "nope"}).engine.structured_outputs
+
+
+def test_structural_tag(llm):
+    """xgrammar's structural tag (a tagged JSON payload) and vLLM's older structures/triggers form."""
+    schema = {"type": "object", "properties": {"q": {"enum": ["a", "b"]}}, "required": ["q"], "additionalProperties": False}
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<call>", "end": "</call>",
+                                                "content": {"type": "regex", "pattern": "[ab]{3}"}}}
+    sp = SamplingParams(temperature=1.0, seed=3, max_tokens=40,
+                        structured_outputs=StructuredOutputsParams(structural_tag=json.dumps(tag)))
+    out = llm.generate("x", sp, use_tqdm=False)[0].outputs[0]
+    assert re.fullmatch(r"<call>[ab]{3}</call>", out.text) and out.finish_reason == "stop", out.text
+    legacy = {"structures": [{"begin": "<f>", "schema": schema, "end": "</f>"}], "triggers": ["<f>"]}
+    llm.engine.structured_outputs.validate(StructuredOutputsParams(structural_tag=json.dumps(legacy)))
+
+
+def test_compile_time_limit(llm):
+    big = {"type": "object", "properties": {f"k{i}": {"type": "array", "items": {"enum": [f"v{j}" for j in range(40)]}}
+                                            for i in range(400)}}
+    with pytest.raises(ValueError, match="did not compile within"):
+        llm.engine.structured_outputs.validate(StructuredOutputsParams(json=big), timeout=0.0001)

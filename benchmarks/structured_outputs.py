@@ -1,0 +1,143 @@
+"""Structured outputs: constrained vs free decoding throughput, and grammar compile time.
+
+Throughput: the same 32 prompts decoded free, under a regex (too long to end before
+``--output-len`` tokens, so both decode exactly as many tokens) and under a JSON schema, on one engine, settings interleaved in every round, the best of
+``--repeats`` kept; output tokens per CPU-second on the CPU (1 torch thread), per second on a GPU.
+Compile time: a large JSON schema (``--schema-properties`` properties of nested objects, arrays and
+enums) compiled cold (a fresh manager, so nothing is cached) and again from the cache.
+
+Writes ``benchmarks/results/structured-outputs-<device>-<utc time>.json`` and a PNG beside it.
+
+    python benchmarks/structured_outputs.py           # CPU, about a minute
+    python benchmarks/structured_outputs.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--schema-properties", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="batch 8, 16 tokens, 1 round, 40 schema properties")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.output_len, args.repeats, args.schema_properties = 8, 16, 1, 40
+    return args
+
+
+def large_schema(n: int) -> dict:
+    props = {}
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            props[f"p{i}"] = {"type": "string", "maxLength": 32}
+        elif kind == 1:
+            props[f"p{i}"] = {"type": "integer", "minimum": -1000, "maximum": 1000}
+        elif kind == 2:
+            props[f"p{i}"] = {"enum": [f"v{j}" for j in range(20)]}
+        else:
+            props[f"p{i}"] = {"type": "array", "maxItems": 5, "items": {"type": "object", "properties": {
+                "x": {"type": "number"}, "y": {"type": "boolean"}}, "required": ["x"]}}
+    return {"type": "object", "properties": props, "required": list(props)[: n // 2]}
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4))
+    names = list(result["runs"])
+    a.bar(names, [result["runs"][n]["tokens_per_s"] for n in names], color=["#777", "#3a7", "#37a"])
+    for i, n in enumerate(names):
+        a.annotate(f"{result['ratio_to_free'][n]:.2f}x", (i, result["runs"][n]["tokens_per_s"]), ha="center", va="bottom")
+    a.set_ylabel("output tokens / CPU-second" if result["timing"] == "cpu" else "output tokens / s")
+    a.set_title(f"batch {result['settings']['batch']}, {result['device']}", fontsize=9)
+    c = result["compile"]
+    b.bar(["cold", "cached"], [c["cold_seconds"] * 1e3, c["cached_seconds"] * 1e3], color=["#a73", "#3a7"])
+    b.set_ylabel("ms")
+    b.set_title(f"compile a {c['schema_properties']}-property JSON schema", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tqdm.auto import tqdm
+
+    from pageant.engine import LLM, SamplingParams, StructuredOutputsParams
+    from pageant.engine.bench.scripts import is_cuda, result_header, save_result, setup_device, small_llama
+    from pageant.engine.structured_outputs.manager import StructuredOutputManager
+
+    setup_device(args.device, args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = small_llama(pathlib.Path(tmp) / "m", args.hidden, args.layers)
+        llm = LLM(model=path, device=args.device, max_num_seqs=args.batch)
+        prompts = [f"Request {i}: describe the item." for i in range(args.batch)]
+        schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
+                                                   "tags": {"type": "array", "items": {"type": "string", "maxLength": 8},
+                                                            "maxItems": 4}}, "required": ["name", "tags"]}
+        settings = {
+            "free": SamplingParams(temperature=1.0, seed=0, max_tokens=args.output_len, ignore_eos=True),
+            "regex": SamplingParams(temperature=1.0, seed=0, max_tokens=args.output_len, ignore_eos=True,
+                                    structured_outputs=StructuredOutputsParams(regex=f"[a-z ]{{{16 * args.output_len}}}")),
+            "json_schema": SamplingParams(temperature=1.0, seed=0, max_tokens=args.output_len, ignore_eos=True,
+                                          structured_outputs=StructuredOutputsParams(json=schema,
+                                                                                     disable_any_whitespace=True)),
+        }
+        for sp in settings.values():  # warm-up (and the grammars compiled)
+            llm.generate(prompts[:2], sp, use_tqdm=False)
+        cpu, wall, tokens = {n: [] for n in settings}, {n: [] for n in settings}, {}
+        for _ in tqdm(range(args.repeats), desc="rounds"):
+            for name, sp in settings.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                outs = llm.generate(prompts, sp, use_tqdm=False)
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+                tokens[name] = sum(len(o.outputs[0].token_ids) for o in outs)
+        runs = {}
+        for name in settings:
+            best = min(wall[name]) if is_cuda(args.device) else min(cpu[name])
+            runs[name] = {"output_tokens": tokens[name], "tokens_per_s": tokens[name] / best,
+                          "cpu_seconds": cpu[name], "wall_seconds": wall[name]}
+        tok = llm.engine.tokenizer
+        fresh = StructuredOutputManager(tok.hf_tokenizer, llm.engine.vocab_size, sorted(tok.eos_token_ids))
+        big = StructuredOutputsParams(json=large_schema(args.schema_properties))
+        fresh.submit(StructuredOutputsParams(regex="a")).result()  # the backend itself built first
+        t0 = time.perf_counter()
+        fresh.submit(big).result()
+        cold = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fresh.submit(StructuredOutputsParams(json=large_schema(args.schema_properties))).result()
+        cached = time.perf_counter() - t0
+        fresh.shutdown()
+    result = result_header("structured-outputs", args)
+    result["runs"] = runs
+    result["ratio_to_free"] = {n: r["tokens_per_s"] / runs["free"]["tokens_per_s"] for n, r in runs.items()}
+    result["compile"] = {"schema_properties": args.schema_properties, "cold_seconds": cold, "cached_seconds": cached}
+    out = save_result(result, args.out, "structured-outputs", args.device, lambda png: plot(result, png))
+    for n, r in runs.items():
+        print(f"{n:>12}: {r['tokens_per_s']:8.1f} tokens/s ({result['ratio_to_free'][n]:.2f}x free)")
+    print(f"compile {args.schema_properties}-property schema: cold {cold * 1e3:.1f} ms, cached {cached * 1e3:.3f} ms")
+    print(f"wrote {out} and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
