@@ -234,3 +234,22 @@ def test_compile_time_limit(llm):
                                             for i in range(400)}}
     with pytest.raises(ValueError, match="did not compile within"):
         llm.engine.structured_outputs.validate(StructuredOutputsParams(json=big), timeout=0.0001)
+
+
+def test_with_lora_and_stop_strings(make_checkpoint, make_adapter):
+    """A constrained request on a LoRA adapter next to a base one; a stop string inside the
+    constrained output ends it first (finish_reason stop, the constraint unfinished)."""
+    from pageant.engine import LoRARequest
+
+    base = make_checkpoint("llama")
+    adapter = LoRARequest("a", 1, make_adapter(base, r=4, targets=("q_proj", "v_proj"), seed=3))
+    llm = LLM(model=base, enable_lora=True, max_loras=2, max_lora_rank=4)
+    sp = SamplingParams(temperature=1.0, seed=5, max_tokens=80, structured_outputs=constrained(json=SCHEMAS[0]))
+    outs = llm.generate(["lora one", "base one"], sp, lora_request=[adapter, None], use_tqdm=False)
+    for out in outs:
+        jsonschema.validate(json.loads(out.outputs[0].text), SCHEMAS[0])
+    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
+    stopped = llm.generate("x", SamplingParams(temperature=0, max_tokens=80, stop=['"age"'],
+                                               structured_outputs=constrained(json=SCHEMAS[0])), use_tqdm=False)[0]
+    c = stopped.outputs[0]
+    assert c.finish_reason == "stop" and c.stop_reason == '"age"' and '"age"' not in c.text

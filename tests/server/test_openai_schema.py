@@ -271,3 +271,44 @@ def test_error_bodies(client, validate, method, path, kwargs, status):
     r = client.request(method.upper(), path, **kwargs)
     assert r.status_code == status, r.text
     validate(r.json(), "ErrorResponse")
+
+
+def test_embeddings(serve, validate):
+    """``/v1/embeddings`` (float and base64) against ``CreateEmbeddingResponse``."""
+    server = serve("--runner", "pooling", "--max-model-len", "64", "--uvicorn-log-level", "warning")
+    import base64
+
+    import numpy as np
+
+    for fmt in ("float", "base64"):
+        r = httpx.post(f"{server.base_url}/v1/embeddings", json={"input": ["Hi", "there"], "encoding_format": fmt})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if fmt == "base64":  # the document types `embedding` as floats only; base64 is the same floats encoded
+            for item in body["data"]:
+                assert isinstance(item["embedding"], str)
+                item["embedding"] = np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4").tolist()
+        validate(body, "CreateEmbeddingResponse")
+
+
+def test_tool_calls_and_structured_chat(serve, validate, make_checkpoint, tmp_path):
+    """A chat answer with tool calls (and one constrained by a JSON schema) against the document."""
+    from pageant.engine.testing import TOOL_CHAT_TEMPLATE
+
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOL_CHAT_TEMPLATE)
+    server = serve("--chat-template", str(template), "--uvicorn-log-level", "warning",
+                   "--structured-outputs-config", '{"disable_any_whitespace": true}',
+                   model=make_checkpoint("llama", max_position_embeddings=2048))
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"]}}}]
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "call f"}], "tools": tools, "tool_choice": "required",
+        "max_tokens": 60, "temperature": 0}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["tool_calls"], r.text
+    validate(r.json(), "CreateChatCompletionResponse")
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "json"}], "max_tokens": 60, "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": tools[0]["function"]["parameters"]}}},
+        timeout=60)
+    validate(r.json(), "CreateChatCompletionResponse")
