@@ -16,7 +16,6 @@ Writes ``benchmarks/results/beam-search-<device>-<utc time>.json`` and a PNG bes
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import tempfile
 import time
@@ -25,40 +24,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
+    from pageant.engine.bench.scripts import base_parser
+
+    p = base_parser(__doc__, hidden=256, layers=2, out_default=ROOT / "benchmarks" / "results")
     p.add_argument("--beam-widths", default="1,2,4,8")
     p.add_argument("--num-prompts", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=200)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="beam widths 1,4; 2 prompts; 8 output tokens")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     if args.quick:
         args.beam_widths, args.num_prompts, args.output_len = "1,4", 2, 8
     return args
-
-
-def peak_blocks(llm, run) -> int:
-    """The most KV blocks held by sequences while any forward ran during ``run()``."""
-    engine, peak = llm.engine, [0]
-    execute = engine.runner.execute
-
-    def recording(so, inp):
-        bm = engine.block_manager
-        peak[0] = max(peak[0], bm.num_blocks - bm.num_free_blocks)
-        return execute(so, inp)
-
-    engine.runner.execute = recording
-    try:
-        run()
-    finally:
-        engine.runner.execute = execute
-    return peak[0]
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
@@ -87,7 +65,7 @@ def main(argv=None) -> int:
     import torch
 
     from pageant.engine import LLM, BeamSearchParams
-    from pageant.engine.bench.scripts import result_header, save_result, setup_device, small_llama
+    from pageant.engine.bench.scripts import peak_blocks_in_use, result_header, save_result, setup_device, small_llama
 
     setup_device(args.device, args.threads)
     rows = []
@@ -105,7 +83,7 @@ def main(argv=None) -> int:
                 key = "shared" if caching else "no_cache"
                 t0 = time.perf_counter()
                 out = []
-                row[f"blocks_{key}"] = peak_blocks(llm, lambda: out.extend(llm.beam_search(prompts, params)))
+                row[f"blocks_{key}"] = peak_blocks_in_use(llm, lambda: out.extend(llm.beam_search(prompts, params)))
                 row[f"seconds_{key}"] = time.perf_counter() - t0
                 beams[key] = [[s.tokens for s in o.sequences] for o in out]
             if beams["shared"] != beams["no_cache"]:

@@ -20,19 +20,16 @@ Writes ``benchmarks/results/moe-<device>-<utc time>.json`` and a PNG bar chart b
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import tempfile
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
+    from pageant.engine.bench.scripts import base_parser
+
+    p = base_parser(__doc__, hidden=512, layers=4, out_default=ROOT / "benchmarks" / "results")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--expert-intermediate", type=int, default=704, help="each expert's intermediate size I")
@@ -40,9 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs are timed in CPU seconds)")
     p.add_argument("--quick", action="store_true", help="hidden 256, 2 layers, 16 prompts, 2 rounds")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.layers, args.num_prompts, args.repeats, args.expert_intermediate = 256, 2, 16, 2, 352
@@ -103,10 +98,9 @@ def plot(result: dict, path: pathlib.Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
-    from tqdm.auto import tqdm
 
     from pageant.engine import LLM, SamplingParams
-    from pageant.engine.bench.scripts import is_cuda, result_header, save_result, setup_device
+    from pageant.engine.bench.scripts import interleaved_rounds, result_header, save_result, setup_device
 
     setup_device(args.device, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,23 +115,14 @@ def main(argv=None) -> int:
                       max_num_batched_tokens=max(2048, args.num_prompts * args.prompt_len))
             llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
             engines[name] = llm
-        seconds = {n: [] for n in engines}
-        cpu_seconds = {n: [] for n in engines}
-        tokens = {}
-        for _ in tqdm(range(args.repeats), desc="rounds"):
-            for name, llm in engines.items():  # interleaved: load drift hits both alike
-                t0, c0 = time.perf_counter(), time.process_time()
-                outs = llm.generate(prompts, sp, use_tqdm=False)
-                seconds[name].append(time.perf_counter() - t0)
-                cpu_seconds[name].append(time.process_time() - c0)
-                tokens[name] = sum(len(o.outputs[0].token_ids) for o in outs)
-        runs = {}
+        def run(llm):
+            return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False))
+
+        runs = interleaved_rounds({n: (lambda llm=llm: run(llm)) for n, llm in engines.items()}, args.repeats,
+                                  args.device)
         for name, llm in engines.items():
-            best = min(seconds[name]) if is_cuda(args.device) else min(cpu_seconds[name])
             total, active = count_params(llm)
-            runs[name] = {"wall_seconds": seconds[name], "cpu_seconds": cpu_seconds[name], "output_tokens": tokens[name],
-                          "tokens_per_s": tokens[name] / best, "wall_tokens_per_s": tokens[name] / min(seconds[name]),
-                          "total_params": total, "active_params": active}
+            runs[name].update(total_params=total, active_params=active)
             print(f"{name:>6}: {runs[name]['tokens_per_s']:8.1f} output tokens/s, {active / 1e6:.1f}M active of "
                   f"{total / 1e6:.1f}M parameters")
         del engines

@@ -14,7 +14,6 @@ Writes ``benchmarks/results/structured-outputs-<device>-<utc time>.json`` and a 
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import tempfile
 import time
@@ -23,17 +22,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
+    from pageant.engine.bench.scripts import base_parser
+
+    p = base_parser(__doc__, hidden=256, layers=2, out_default=ROOT / "benchmarks" / "results")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--schema-properties", type=int, default=200)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="batch 8, 16 tokens, 1 round, 40 schema properties")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.output_len, args.repeats, args.schema_properties = 8, 16, 1, 40
@@ -79,10 +75,8 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tqdm.auto import tqdm
-
     from pageant.engine import LLM, SamplingParams, StructuredOutputsParams
-    from pageant.engine.bench.scripts import is_cuda, result_header, save_result, setup_device, small_llama
+    from pageant.engine.bench.scripts import interleaved_rounds, result_header, save_result, setup_device, small_llama
     from pageant.engine.structured_outputs.manager import StructuredOutputManager
 
     setup_device(args.device, args.threads)
@@ -103,19 +97,10 @@ def main(argv=None) -> int:
         }
         for sp in settings.values():  # warm-up (and the grammars compiled)
             llm.generate(prompts[:2], sp, use_tqdm=False)
-        cpu, wall, tokens = {n: [] for n in settings}, {n: [] for n in settings}, {}
-        for _ in tqdm(range(args.repeats), desc="rounds"):
-            for name, sp in settings.items():
-                t0, c0 = time.perf_counter(), time.process_time()
-                outs = llm.generate(prompts, sp, use_tqdm=False)
-                wall[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
-                tokens[name] = sum(len(o.outputs[0].token_ids) for o in outs)
-        runs = {}
-        for name in settings:
-            best = min(wall[name]) if is_cuda(args.device) else min(cpu[name])
-            runs[name] = {"output_tokens": tokens[name], "tokens_per_s": tokens[name] / best,
-                          "cpu_seconds": cpu[name], "wall_seconds": wall[name]}
+        def run(sp):
+            return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False))
+
+        runs = interleaved_rounds({n: (lambda sp=sp: run(sp)) for n, sp in settings.items()}, args.repeats, args.device)
         tok = llm.engine.tokenizer
         fresh = StructuredOutputManager(tok.hf_tokenizer, llm.engine.vocab_size, sorted(tok.eos_token_ids))
         big = StructuredOutputsParams(json=large_schema(args.schema_properties))

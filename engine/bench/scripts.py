@@ -71,3 +71,58 @@ def save_result(result: dict[str, Any], out_dir: str | pathlib.Path, prefix: str
     path.write_text(json.dumps(result, indent=1))
     plot(path.with_suffix(".png"))
     return path
+
+
+def base_parser(doc: str, *, hidden: int, layers: int, out_default: pathlib.Path):
+    """The flags every model benchmark script has: --device, --hidden, --layers, --threads, --out."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--hidden", type=int, default=hidden)
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs are timed in CPU seconds)")
+    p.add_argument("--out", default=str(out_default))
+    return p
+
+
+def interleaved_rounds(runs: dict[str, Callable[[], int]], repeats: int, device: str) -> dict[str, dict[str, Any]]:
+    """Call every run once per round, ``repeats`` rounds, runs interleaved in each round (load drift
+    on a shared machine hits all alike). A run returns its output token count. Per name: the token
+    count, throughput at the best round (per CPU-second of this process on the CPU, per second on a
+    GPU), the wall-clock throughput, and every round's times."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    cpu: dict[str, list[float]] = {n: [] for n in runs}
+    wall: dict[str, list[float]] = {n: [] for n in runs}
+    tokens: dict[str, int] = {}
+    for _ in tqdm(range(repeats), desc="rounds"):
+        for name, run in runs.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            tokens[name] = run()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    best = {n: min(wall[n]) if is_cuda(device) else min(cpu[n]) for n in runs}
+    return {n: {"output_tokens": tokens[n], "tokens_per_s": tokens[n] / best[n],
+                "wall_tokens_per_s": tokens[n] / min(wall[n]), "cpu_seconds": cpu[n], "wall_seconds": wall[n]}
+            for n in runs}
+
+
+def peak_blocks_in_use(llm, run: Callable[[], Any]) -> int:
+    """The most KV blocks held by sequences while any forward ran during ``run()`` (an ``LLM``'s)."""
+    engine, peak = llm.engine, [0]
+    execute = engine.runner.execute
+
+    def recording(so, inp):
+        bm = engine.block_manager
+        peak[0] = max(peak[0], bm.num_blocks - bm.num_free_blocks)
+        return execute(so, inp)
+
+    engine.runner.execute = recording
+    try:
+        run()
+    finally:
+        engine.runner.execute = execute
+    return peak[0]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pageant.engine import LLM, BeamSearchParams, InvalidRequestError
+from pageant.engine.bench.scripts import peak_blocks_in_use
 
 EOS = 2
 
@@ -87,24 +88,6 @@ def test_with_eos_equals_transformers(eos_model, k, length_penalty):
         assert ended_early > 0, "no hypothesis ended with EOS: the test would not exercise EOS handling"
     stats = llm.stats()
     assert stats["num_free_kv_blocks"] == stats["num_kv_blocks"]
-
-
-def peak_blocks_in_use(llm: LLM, run) -> int:
-    """The most KV blocks held by sequences while a forward ran, over ``run()``."""
-    engine, peak = llm.engine, [0]
-    execute = engine.runner.execute
-
-    def recording(so, inp):
-        bm = engine.block_manager
-        peak[0] = max(peak[0], bm.num_blocks - bm.num_free_blocks)
-        return execute(so, inp)
-
-    engine.runner.execute = recording
-    try:
-        run()
-    finally:
-        engine.runner.execute = execute
-    return peak[0]
 
 
 def test_beams_share_prefix_blocks(model):
