@@ -25,5 +25,6 @@ class OperatorConfig:
     pod_timeout_seconds: float = 5.0
     api_timeout_seconds: float = 30.0
     discovery_ttl_seconds: float = 60.0  # how soon newly installed CRDs (KEDA, Prometheus Operator) are seen
+    adapter_retry_seconds: float = 5.0  # first retry of a failed adapter load (then doubling, up to 300 s)
     connection: Any = None
     verbose: bool = False

@@ -30,6 +30,12 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects", True),
     "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors", True),
     "PodMonitor": ("monitoring.coreos.com/v1", "podmonitors", True),
+    "InterceptorRoute": ("http.keda.sh/v1beta1", "interceptorroutes", True),
+    "InferencePool": ("inference.networking.k8s.io/v1", "inferencepools", True),
+    "HTTPRoute": ("gateway.networking.k8s.io/v1", "httproutes", True),
+    "ServiceAccount": ("v1", "serviceaccounts", True),
+    "Role": ("rbac.authorization.k8s.io/v1", "roles", True),
+    "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings", True),
 }
 
 

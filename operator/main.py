@@ -9,6 +9,7 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
+from pageant.operator.adapters import AdapterBackoff
 from pageant.operator.config import OperatorConfig
 from pageant.operator.handlers import make_registry
 from pageant.operator.kube import KubeClient
@@ -23,7 +24,8 @@ async def serve(config: OperatorConfig, metrics: OperatorMetrics | None = None,
     metrics = metrics or OperatorMetrics()
     rt = Runtime(kube=KubeClient(config.api_timeout_seconds, config.discovery_ttl_seconds),
                  pods=PodClient(config.pod_url_template, config.pod_timeout_seconds),
-                 engine_image=config.engine_image)
+                 engine_image=config.engine_image,
+                 adapter_backoff=AdapterBackoff(base_seconds=config.adapter_retry_seconds))
     registry = make_registry(config, rt, metrics)
     liveness = f"http://0.0.0.0:{config.health_port}/healthz" if config.health_port else None
     try:

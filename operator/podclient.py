@@ -20,6 +20,20 @@ class PodCallResult:
     detail: str = ""
 
 
+def error_message(payload: Any) -> str:
+    """The message of an OpenAI-style error body (``{"error": {"message"}}``, ``{"message"}`` or
+    ``{"detail"}``), else ""."""
+    if not isinstance(payload, dict):
+        return ""
+    err = payload.get("error")
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return err["message"]
+    for key in ("message", "detail"):
+        if isinstance(payload.get(key), str):
+            return payload[key]
+    return ""
+
+
 class PodClient:
     def __init__(self, url_template: str = "http://{ip}:8000", timeout_seconds: float = 5.0) -> None:
         self.url_template = url_template
@@ -63,8 +77,11 @@ class PodClient:
         return result, {m["id"] for m in payload["data"] if isinstance(m, dict) and m.get("parent") and "id" in m}
 
     async def load_adapter(self, pod_ip: str, name: str, path: str) -> PodCallResult:
-        result, _ = await self._call("POST", pod_ip, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
-        return result
+        """Load one adapter; on failure ``detail`` is the engine's own error message."""
+        result, payload = await self._call("POST", pod_ip, "/v1/load_lora_adapter",
+                                           {"lora_name": name, "lora_path": path})
+        message = error_message(payload)
+        return dataclasses.replace(result, detail=message) if not result.ok and message else result
 
     async def unload_adapter(self, pod_ip: str, name: str) -> PodCallResult:
         result, _ = await self._call("POST", pod_ip, "/v1/unload_lora_adapter", {"lora_name": name})

@@ -1,5 +1,8 @@
 """Make the cluster match one InferenceService: apply children, prune, sync adapters, build status.
 
+Scale from zero (the KEDA HTTP add-on) is rendered only where the add-on's API is served;
+elsewhere the service stays at one replica and Degraded says ScaleFromZeroUnavailable.
+
 Idempotent: every step reads before it writes, so running it again creates nothing twice. A 409 on
 create adopts the existing object (patching it to the desired state) unless another controller owns
 it. Only :mod:`pageant.operator.kube` talks to the API and :mod:`pageant.operator.podclient` to pods.
@@ -7,13 +10,12 @@ it. Only :mod:`pageant.operator.kube` talks to the API and :mod:`pageant.operato
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from typing import Any
 
-from pageant.operator import kube, render, status
-from pageant.operator.builders import common, workload
+from pageant.operator import adapters, kube, render, status
+from pageant.operator.builders import common
 from pageant.operator.podclient import PodClient
 from pageant.operator.spec import InferenceServiceSpec
 
@@ -24,6 +26,7 @@ class Runtime:
     kube: kube.KubeClient
     pods: PodClient
     engine_image: str
+    adapter_backoff: adapters.AdapterBackoff = dataclasses.field(default_factory=adapters.AdapterBackoff)
     logger: logging.Logger = dataclasses.field(default_factory=lambda: logging.getLogger("pageant.operator"))
 
 
@@ -90,47 +93,14 @@ async def prune(client: kube.KubeClient, spec: InferenceServiceSpec, wanted: set
     return deleted
 
 
-async def sync_adapters(pods_client: PodClient, spec: InferenceServiceSpec, pods: list[dict[str, Any]]
-                        ) -> tuple[dict[str, int], list[str]]:
-    """Load missing and unload extra adapters in every ready pod; count, per adapter, the ready
-    pods serving it. Pods that do not answer count for nothing and are retried next time."""
-    desired = {e["name"]: e["path"] for e in workload.adapter_entries(spec)} if spec.lora_enabled else {}
-    counts = {name: 0 for name in desired}
-    errors: list[str] = []
-
-    async def one(pod: dict[str, Any]) -> None:
-        ip, pod_name = (pod.get("status") or {}).get("podIP"), pod["metadata"]["name"]
-        if not ip:
-            return
-        result, loaded = await pods_client.adapters(ip)
-        if loaded is None:
-            errors.append(f"pod {pod_name}: /v1/models: {result.status} {result.detail}".strip())
-            return
-        for name in sorted(set(desired) - loaded):
-            r = await pods_client.load_adapter(ip, name, desired[name])
-            if r.ok:
-                loaded.add(name)
-            else:
-                errors.append(f"pod {pod_name}: load {name}: HTTP {r.status} {r.detail}".strip())
-        for name in sorted(loaded - set(desired)):
-            r = await pods_client.unload_adapter(ip, name)
-            if r.ok:
-                loaded.discard(name)
-            else:
-                errors.append(f"pod {pod_name}: unload {name}: HTTP {r.status} {r.detail}".strip())
-        for name in desired:
-            counts[name] += name in loaded
-
-    await asyncio.gather(*(one(p) for p in pods if status.pod_ready(p)))
-    return counts, sorted(errors)
-
-
 async def reconcile(rt: Runtime, spec: InferenceServiceSpec, old_status: dict[str, Any] | None,
                     do_prune: bool = True) -> dict[str, Any]:
     """One full pass; returns the new status. Raises kube.ApiError for the caller to classify."""
     seen = status.Observed()
     wanted: set[tuple[str, str]] = set()
-    for child in render.children(spec):
+    wake_available = spec.wakes_from_zero and await rt.kube.api_available("InterceptorRoute")
+    seen.wake = wake_available
+    for child in render.children(spec, wake_available):
         wanted.add((child.kind, child.name))
         if child.optional_api and not await rt.kube.api_available(child.kind):
             seen.problems.append((f"{child.kind}APIMissing",
@@ -143,16 +113,23 @@ async def reconcile(rt: Runtime, spec: InferenceServiceSpec, old_status: dict[st
             continue
         if action != "unchanged":
             rt.logger.info("%s %s/%s: %s", child.kind, spec.namespace, child.name, action)
-        if child.kind == "Deployment":
+        if child.kind == "Deployment" and child.name == common.names(spec)["deployment"]:
             seen.deployment = live
-        elif child.kind == "Job":
-            seen.job = live
+        elif child.kind in ("Job", "InferencePool", "HTTPRoute"):
+            setattr(seen, {"Job": "job", "InferencePool": "pool", "HTTPRoute": "route"}[child.kind], live)
+    if spec.wakes_from_zero and not wake_available:
+        sfz = spec.autoscaling.scale_from_zero if spec.autoscaling else None
+        seen.problems.append(("ScaleFromZeroUnavailable", "minReplicas 0 needs the KEDA HTTP add-on to wake the "
+                              f"service (InterceptorRoute, http.keda.sh/v1beta1, not served; its interceptor "
+                              f"{sfz and sfz.interceptor_namespace}/{sfz and sfz.interceptor_service}): kept at "
+                              "1 replica until it is installed"))
     if do_prune:
         for gone in await prune(rt.kube, spec, wanted):
             rt.logger.info("pruned %s (no longer in the spec)", gone)
     pods = await rt.kube.list("Pod", spec.namespace, common.selector_labels(spec))
     seen.pods = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]  # not terminating
     if spec.lora_enabled:
-        seen.adapter_counts, seen.adapter_errors = await sync_adapters(rt.pods, spec, seen.pods)
+        result = await adapters.sync(rt.pods, rt.adapter_backoff, spec, seen.pods)
+        seen.adapter_counts, seen.adapter_errors, seen.adapter_failed = result.counts, result.errors, result.failed
     return status.compute(spec, seen, old_status)
 

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from pageant.operator import spec as spec_mod
-from pageant.operator.builders import autoscale, monitoring, network, storage, workload
+from pageant.operator.builders import autoscale, monitoring, network, routing, storage, wake, workload
 from pageant.operator.spec import InferenceServiceSpec
 
 
@@ -35,6 +35,14 @@ class Child:
 # Every kind the operator may create, for pruning what the spec no longer wants:
 # kind -> apiVersion. (Job/PVC are never pruned: a cache is kept while the service exists.)
 PRUNABLE_KINDS = {
+    "Deployment": "apps/v1",  # the endpoint picker's (the engine's is always wanted)
+    "Service": "v1",
+    "ServiceAccount": "v1",
+    "Role": "rbac.authorization.k8s.io/v1",
+    "RoleBinding": "rbac.authorization.k8s.io/v1",
+    "InterceptorRoute": wake.API_VERSION,
+    "InferencePool": routing.POOL_API,
+    "HTTPRoute": routing.ROUTE_API,
     "PodDisruptionBudget": "policy/v1",
     "NetworkPolicy": "networking.k8s.io/v1",
     "ScaledObject": "keda.sh/v1alpha1",
@@ -43,10 +51,15 @@ PRUNABLE_KINDS = {
     "PodMonitor": "monitoring.coreos.com/v1",
     "ConfigMap": "v1",
 }
+# Kinds whose CRDs may not be installed: skipped (and reported) rather than failing.
+OPTIONAL_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor", "InterceptorRoute", "InferencePool", "HTTPRoute"}
 
 
-def children(spec: InferenceServiceSpec) -> list[Child]:
-    """The desired children, in creation order (storage and config before the Deployment)."""
+def children(spec: InferenceServiceSpec, wake_available: bool = True) -> list[Child]:
+    """The desired children, in creation order (storage and config before the Deployment).
+
+    wake_available: the KEDA HTTP add-on is installed (the reconciler asks the API server; a file
+    render assumes it). Without it a scale-to-zero service gets no wake-up objects and does not idle."""
     out: list[Child] = []
     if spec.model.cache is not None:
         out += [Child(storage.cache_pvc(spec), create_only=True), Child(storage.download_job(spec), create_only=True)]
@@ -59,11 +72,17 @@ def children(spec: InferenceServiceSpec) -> list[Child]:
         out.append(Child(network.pod_disruption_budget(spec)))
     if spec.autoscaling is not None:
         if spec.autoscaling.provider == "keda":
-            out.append(Child(autoscale.scaled_object(spec), optional_api="keda.sh/v1alpha1"))
+            out.append(Child(autoscale.scaled_object(spec, wake_available), optional_api="keda.sh/v1alpha1"))
+            if spec.wakes_from_zero and wake_available:
+                out += [Child(wake.interceptor_route(spec), optional_api=wake.API_VERSION),
+                        Child(wake.wake_service(spec))]
         else:
             out.append(Child(autoscale.horizontal_pod_autoscaler(spec)))
     if spec.monitoring is not None:
         out.append(Child(monitoring.monitor(spec), optional_api="monitoring.coreos.com/v1"))
+    if spec.routing is not None:
+        optional = {"InferencePool": routing.POOL_API, "HTTPRoute": routing.ROUTE_API}
+        out += [Child(m, optional_api=optional.get(m["kind"])) for m in routing.children(spec)]
     return out
 
 

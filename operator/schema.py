@@ -24,6 +24,8 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ADAPTER_NAME = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DURATION = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"  # a Go duration, e.g. 30m or 1h30m
 HUB_REPO = r"^[A-Za-z0-9][-A-Za-z0-9_.]*(/[A-Za-z0-9][-A-Za-z0-9_.]*)?$"
 
 # CEL rules (message -> rule) kept as data so the Python re-check in spec.py can name them.
@@ -206,12 +208,61 @@ def _autoscaling() -> dict[str, Any]:
         "cooldownPeriodSeconds": _i("Idle time before scaling to zero (keda).", 0, default=300),
         "initialCooldownPeriodSeconds": _i("Grace after creation before keda may scale to zero: "
                                            "long enough to load the model.", 0, default=900),
+        "scaleFromZero": _scale_from_zero(),
     }, required=["maxReplicas"], **{"x-kubernetes-validations": [
         {"rule": RULE_MIN_LE_MAX, "message": "minReplicas must be <= maxReplicas"},
         {"rule": RULE_CUSTOM_QUERY, "message": "metric Custom needs a query"},
         {"rule": RULE_HPA_MIN, "message": "the hpa provider cannot scale to zero: minReplicas >= 1"},
         {"rule": RULE_HPA_CUSTOM_NAME, "message": "hpa with metric Custom needs hpaMetricName"},
     ]})
+
+
+def _scale_from_zero() -> dict[str, Any]:
+    def duration(description: str, **kw: Any) -> dict[str, Any]:
+        return _s(description, pattern=DURATION, maxLength=32, **kw)
+    return _obj("With provider keda and minReplicas 0: wake from zero through the KEDA HTTP add-on. Its "
+                "interceptor holds requests that arrive at zero and its pending-request count activates "
+                "the service; the engine metrics still scale it between 1 and maxReplicas. Without the "
+                "add-on the service is kept at 1 and Degraded says ScaleFromZeroUnavailable.", {
+        "enabled": _b("Use the add-on (false: idle to zero with no wake-up path).", default=True),
+        "interceptorService": _s("The add-on's interceptor proxy Service.",
+                                 default="keda-add-ons-http-interceptor-proxy", minLength=1),
+        "interceptorNamespace": _s("Namespace of the add-on.", default="keda", minLength=1),
+        "interceptorPort": _i("Port of the interceptor proxy Service.", 1, default=8080),
+        "scalerAddress": _s("The add-on's external scaler (host:port) for KEDA's external-push trigger.",
+                            default="keda-add-ons-http-external-scaler.keda:9090", minLength=1),
+        "targetConcurrency": _i("Requests in flight per replica at the interceptor before it asks "
+                                "for another replica (the engine metrics usually ask first).", 1, default=100),
+        "timeouts": _obj("The interceptor's timeouts for this service (Go durations).", {
+            "readiness": duration("How long a request waits for a replica to become ready (a cold "
+                                  "start: scheduling, image pull, model load). Default: "
+                                  "engine.startupTimeoutSeconds plus 2 minutes."),
+            "request": duration("Whole-request budget, cold start included. Default: readiness plus "
+                                "10 minutes."),
+            "responseHeader": duration("Wait for response headers once the request is sent (not "
+                                       "counting the cold start).", default="300s"),
+        }),
+    })
+
+
+def _routing() -> dict[str, Any]:
+    return _obj("Routing through a Gateway (Gateway API Inference Extension).", {
+        "inferencePool": _obj("An InferencePool of the engine pods, its endpoint picker (prefix-cache, "
+                              "queue-depth, KV-cache and LoRA-affinity aware) and an HTTPRoute from "
+                              "the Gateway to the pool.", {
+            "enabled": _b("Create them.", default=False),
+            "gateway": _obj("The Gateway the HTTPRoute attaches to.", {
+                "name": _s("Gateway name.", pattern=DNS_SUBDOMAIN, maxLength=253),
+                "namespace": _s("Gateway namespace (default: the service's).", pattern=DNS_LABEL, maxLength=63),
+                "sectionName": _s("Listener name on the Gateway (default: all).", minLength=1, maxLength=253),
+            }, required=["name"]),
+            "eppImage": _s("Endpoint picker image.", minLength=1),
+            "eppReplicas": _i("Endpoint picker replicas.", 1, default=1),
+            "failureMode": _s("What the Gateway does when the picker does not answer.",
+                              enum=["FailClose", "FailOpen"], default="FailClose"),
+        }, **{"x-kubernetes-validations": [{"rule": "!self.enabled || has(self.gateway)",
+                                              "message": "enabled needs a gateway"}]}),
+    })
 
 
 def _adapters() -> dict[str, Any]:
@@ -249,6 +300,7 @@ def _spec() -> dict[str, Any]:
         "networkPolicy": _obj("NetworkPolicy admitting only the API port.", {
             "enabled": _b("Create it.", default=True)}),
         "serviceAccountName": _s("ServiceAccount of the pods."),
+        "routing": _routing(),
     }, required=["model"], **{"x-kubernetes-validations": [
         {"rule": RULE_REPLICAS_XOR_AUTOSCALING,
          "message": "replicas must lie within [autoscaling.minReplicas, autoscaling.maxReplicas]"},
@@ -257,7 +309,7 @@ def _spec() -> dict[str, Any]:
 
 def _condition() -> dict[str, Any]:
     return _obj("A status condition.", {
-        "type": _s("Ready, Progressing, Degraded or AdaptersReady."),
+        "type": _s("Ready, Progressing, Degraded, AdaptersReady or Routed."),
         "status": _s("True, False or Unknown.", enum=["True", "False", "Unknown"]),
         "reason": _s("CamelCase reason."),
         "message": _s("Human-readable detail."),
@@ -273,12 +325,16 @@ def _status() -> dict[str, Any]:
         "readyReplicas": _i("Replicas ready to serve."),
         "desiredReplicas": _i("Replicas wanted now."),
         "selector": _s("Label selector of the replicas (scale subresource, for HPA)."),
-        "url": _s("In-cluster OpenAI-compatible base URL."),
+        "url": _s("In-cluster OpenAI-compatible base URL (with scale from zero: the address that "
+                  "wakes the service, through the KEDA HTTP add-on's interceptor)."),
         "model": _s("Served model name."),
         "configHash": _s("Hash of the rendered pod template."),
         "adapters": {"type": "array", "description": "Per adapter, how many ready replicas serve it.",
-                     "items": _obj("Adapter status.", {"name": _s("Adapter name."),
-                                                       "readyReplicas": _i("Replicas serving it.")})},
+                     "items": _obj("Adapter status.", {
+                         "name": _s("Adapter name."), "readyReplicas": _i("Replicas serving it."),
+                         "state": _s("Loaded, Loading, Pending or Failed (retried with backoff).",
+                                     enum=["Loaded", "Loading", "Pending", "Failed"]),
+                         "message": _s("Why it failed: the engine's message.")})},
         "conditions": {"type": "array", "items": _condition(), "description": "Conditions.",
                        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     })

@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from pageant.operator import schema
+from pageant.operator.spec_ext import InferencePoolSpec, ScaleFromZeroSpec, _Reader, inference_pool, scale_from_zero
 
 DEFAULT_ENGINE_IMAGE = "ghcr.io/pageant-project/pageant-engine:0.1.0"
 DEFAULT_TARGETS = {"WaitingRequests": 4.0, "RunningRequests": 16.0, "KVCacheUsage": 0.8}
@@ -115,6 +116,7 @@ class AutoscalingSpec:
     polling_interval_seconds: int = 15
     cooldown_period_seconds: int = 300
     initial_cooldown_period_seconds: int = 900
+    scale_from_zero: ScaleFromZeroSpec = ScaleFromZeroSpec()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +151,18 @@ class InferenceServiceSpec:
     monitoring: MonitoringSpec | None
     network_policy: bool
     service_account_name: str | None
+    routing: InferencePoolSpec | None = None
 
     @property
     def lora_enabled(self) -> bool:
         """LoRA is on when maxLoras is set or any adapter is listed."""
         return self.engine.max_loras is not None or bool(self.adapters)
+
+    @property
+    def wakes_from_zero(self) -> bool:
+        """Scale to zero with a wake-up path: keda, minReplicas 0 and scaleFromZero not disabled."""
+        a = self.autoscaling
+        return a is not None and a.provider == "keda" and a.min_replicas == 0 and a.scale_from_zero.enabled
 
     @property
     def desired_replicas(self) -> int:
@@ -163,42 +172,6 @@ class InferenceServiceSpec:
         if self.replicas is not None:
             return self.replicas
         return max(self.autoscaling.min_replicas, 1) if self.autoscaling else 1
-
-
-class _Reader:
-    """Walks the raw dict, collecting problems instead of stopping at the first."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def get(self, d: dict[str, Any], key: str, kind: type | tuple[type, ...], path: str,
-            default: Any = None, required: bool = False) -> Any:
-        if not isinstance(d, dict) or key not in d or d[key] is None:
-            if required:
-                self.problems.append(f"{path}.{key}: required")
-            return default
-        value = d[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if kind is str and isinstance(value, int) and not isinstance(value, bool) and path.endswith(
-                ("resources", "cache")):
-            value = str(value)  # quantities may be plain integers
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            self.problems.append(f"{path}.{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
-            return default
-        return value
-
-    def minimum(self, value: Any, low: float, path: str, exclusive: bool = False) -> None:
-        if value is not None and (value <= low if exclusive else value < low):
-            self.problems.append(f"{path}: must be {'>' if exclusive else '>='} {low}")
-
-    def enum(self, value: Any, allowed: list[str], path: str) -> None:
-        if value is not None and value not in allowed:
-            self.problems.append(f"{path}: must be one of {allowed}, got {value!r}")
-
-    def pattern(self, value: Any, regex: str, path: str) -> None:
-        if value is not None and not re.match(regex, value):
-            self.problems.append(f"{path}: {value!r} does not match {regex}")
 
 
 def _secret_ref(r: _Reader, d: dict[str, Any], key: str, path: str, default_key: str) -> SecretKeyRef | None:
@@ -317,7 +290,8 @@ def _autoscaling(r: _Reader, raw: dict[str, Any]) -> AutoscalingSpec:
         prometheus_address=r.get(raw, "prometheusAddress", str, p, AutoscalingSpec.prometheus_address),
         polling_interval_seconds=ints["pollingIntervalSeconds"],
         cooldown_period_seconds=ints["cooldownPeriodSeconds"],
-        initial_cooldown_period_seconds=ints["initialCooldownPeriodSeconds"])
+        initial_cooldown_period_seconds=ints["initialCooldownPeriodSeconds"],
+        scale_from_zero=scale_from_zero(r, r.get(raw, "scaleFromZero", dict, p)))
 
 
 def _adapters(r: _Reader, raw: list[Any]) -> tuple[AdapterSpec, ...]:
@@ -389,7 +363,9 @@ def parse(body: dict[str, Any], default_image: str = DEFAULT_ENGINE_IMAGE) -> In
         scheduling=scheduling, replicas=replicas, autoscaling=autoscaling,
         adapters=_adapters(r, r.get(raw, "adapters", list, "spec", [])), monitoring=monitoring,
         network_policy=r.get(np_raw, "enabled", bool, "spec.networkPolicy", True),
-        service_account_name=r.get(raw, "serviceAccountName", str, "spec"))
+        service_account_name=r.get(raw, "serviceAccountName", str, "spec"),
+        routing=inference_pool(r, r.get(r.get(raw, "routing", dict, "spec", {}), "inferencePool", dict,
+                                        "spec.routing"), namespace))
     if any(a.name == model.name for a in spec.adapters):
         r.problems.append("spec.adapters: an adapter cannot have the served model's name")
     if r.problems:

@@ -1,4 +1,5 @@
-"""Status from what the children report (pure): replicas, URL and the four conditions.
+"""Status from what the children report (pure): replicas, URL and the conditions (Ready, Progressing,
+Degraded, AdaptersReady; Routed with spec.routing, from the HTTPRoute's and InferencePool's status).
 
 Reasons come from the Deployment's conditions and the pods' own statuses (image pull errors,
 unschedulable for lack of GPUs, crash loops, model still loading) so that `kubectl get infsvc`
@@ -11,7 +12,7 @@ import dataclasses
 import datetime
 from typing import Any
 
-from pageant.operator.builders import common, workload
+from pageant.operator.builders import common, wake, workload
 from pageant.operator.spec import InferenceServiceSpec
 
 IMAGE_PULL = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
@@ -27,6 +28,10 @@ class Observed:
     adapter_errors: list[str] = dataclasses.field(default_factory=list)
     problems: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (reason, message)
     job: dict[str, Any] | None = None
+    adapter_failed: dict[str, str] = dataclasses.field(default_factory=dict)  # adapter -> engine's message
+    wake: bool = False  # scale from zero through the KEDA HTTP add-on is in place
+    pool: dict[str, Any] | None = None  # the live InferencePool (routing)
+    route: dict[str, Any] | None = None  # the live HTTPRoute (routing)
 
 
 def now() -> str:
@@ -134,7 +139,7 @@ def compute(spec: InferenceServiceSpec, seen: Observed, old_status: dict[str, An
         degraded_c = condition("Degraded", False, "AsExpected", "no problems reported")
 
     counts = seen.adapter_counts or {}
-    adapters = [{"name": a.name, "readyReplicas": counts.get(a.name, 0)} for a in spec.adapters]
+    adapters = [adapter_status(a.name, counts.get(a.name, 0), len(ready_pods), seen) for a in spec.adapters]
     if not spec.adapters:
         adapters_c = condition("AdaptersReady", True, "NoAdapters", "no adapters requested")
     elif not ready_pods or seen.adapter_counts is None:
@@ -154,11 +159,53 @@ def compute(spec: InferenceServiceSpec, seen: Observed, old_status: dict[str, An
     return {
         "observedGeneration": spec.generation,
         "replicas": replicas, "readyReplicas": ready, "desiredReplicas": desired,
-        "selector": common.selector_string(spec), "url": common.url(spec), "model": spec.model.name,
+        "selector": common.selector_string(spec), "url": wake.url(spec) if seen.wake else common.url(spec), "model": spec.model.name,
         "configHash": workload.template_hash(workload.deployment(spec)),
         "adapters": adapters,
-        "conditions": merge_conditions(old, [ready_c, prog_c, degraded_c, adapters_c], spec.generation),
+        "conditions": merge_conditions(old, [ready_c, prog_c, degraded_c, adapters_c]
+                                       + ([routed(spec, seen)] if spec.routing is not None else []), spec.generation),
     }
+
+
+def adapter_status(name: str, count: int, ready: int, seen: Observed) -> dict[str, Any]:
+    """One adapter: Loaded on every ready replica, Failed (the engine's message) where a load
+    failed, else Pending (nothing measured or no ready replica) or Loading."""
+    out: dict[str, Any] = {"name": name, "readyReplicas": count}
+    if name in seen.adapter_failed:
+        out.update(state="Failed", message=seen.adapter_failed[name])
+    elif seen.adapter_counts is None or ready == 0:
+        out["state"] = "Pending"
+    else:
+        out["state"] = "Loaded" if count >= ready else "Loading"
+    return out
+
+
+PARENT_CONDITIONS = {"Accepted": "NotAccepted", "ResolvedRefs": "RefsNotResolved"}
+
+
+def routed(spec: InferenceServiceSpec, seen: Observed) -> dict[str, Any]:
+    """Routed from the HTTPRoute's and the InferencePool's own status.parents conditions: True once
+    both are Accepted with ResolvedRefs, False (reason e.g. HTTPRouteNotAccepted) when a Gateway
+    refuses one, Unknown while no Gateway controller has written status."""
+    for kind, obj in (("HTTPRoute", seen.route), ("InferencePool", seen.pool)):
+        if obj is None:
+            return condition("Routed", False, f"{kind}Missing", f"the {kind} does not exist (is its CRD installed?)")
+        parents = (obj.get("status") or {}).get("parents") or []
+        if not parents:
+            return condition("Routed", None, "Pending", f"{kind} {obj['metadata']['name']}: no status from a Gateway yet")
+        for parent in parents:
+            conds = {c.get("type"): c for c in parent.get("conditions") or []}
+            for type_, bad in PARENT_CONDITIONS.items():
+                c = conds.get(type_)
+                if c is None:
+                    return condition("Routed", None, "Pending", f"{kind}: no {type_} condition yet")
+                if c.get("status") != "True":
+                    return condition("Routed", False, f"{kind}{bad}",
+                                     f"{kind} {obj['metadata']['name']}: {type_}={c.get('status')} "
+                                     f"{c.get('reason', '')}: {c.get('message', '')}".strip())
+    gw = spec.routing
+    return condition("Routed", True, "Accepted", f"HTTPRoute and InferencePool accepted by Gateway "
+                     f"{gw.gateway_namespace}/{gw.gateway_name}" if gw else "accepted")
 
 
 def invalid(generation: int | None, message: str, old_status: dict[str, Any] | None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pageant.operator import schema
-from pageant.operator.builders import common
+from pageant.operator.builders import common, wake
 from pageant.operator.spec import InferenceServiceSpec
 
 # signal -> (engine metric, aggregation). Every query is a total over the service's replicas, and
@@ -40,9 +40,14 @@ def _scale_target(spec: InferenceServiceSpec) -> dict[str, Any]:
     return {"apiVersion": schema.API_VERSION, "kind": schema.KIND, "name": spec.name}
 
 
-def scaled_object(spec: InferenceServiceSpec) -> dict[str, Any]:
+def scaled_object(spec: InferenceServiceSpec, wake_available: bool = True) -> dict[str, Any]:
     """KEDA ScaledObject with a Prometheus trigger. minReplicas 0 becomes idleReplicaCount 0 (KEDA's
-    scale to zero) with minReplicaCount 1 while active; initialCooldownPeriod covers model load."""
+    scale to zero) with minReplicaCount 1 while active; initialCooldownPeriod covers model load.
+
+    With scale from zero (spec.wakes_from_zero) a second trigger, the HTTP add-on's pending-request
+    count (external-push), activates it from zero; the engine metrics scale it between 1 and max.
+    Where the add-on is missing (wake_available False) it does not idle: a service that cannot wake
+    stays at one replica."""
     a = spec.autoscaling
     if a is None or a.provider != "keda":
         raise ValueError("scaled_object() needs spec.autoscaling with provider keda")
@@ -57,7 +62,9 @@ def scaled_object(spec: InferenceServiceSpec) -> dict[str, Any]:
             "serverAddress": a.prometheus_address, "query": promql(spec), "threshold": _target(a.target),
             "activationThreshold": "0", "ignoreNullValues": "true"}}],
     }
-    if a.min_replicas == 0:
+    if spec.wakes_from_zero and wake_available:
+        body["triggers"].append(wake.external_push_trigger(spec))
+    if a.min_replicas == 0 and (wake_available or not spec.wakes_from_zero):
         body["idleReplicaCount"] = 0
     return {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
             "metadata": common.metadata(spec, common.names(spec)["scaledobject"], "autoscaler"), "spec": body}

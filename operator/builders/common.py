@@ -35,7 +35,8 @@ def names(spec: InferenceServiceSpec) -> dict[str, str]:
     n = spec.name
     return {"deployment": n, "service": n, "adapters": f"{n}-adapters", "pdb": n, "networkpolicy": n,
             "scaledobject": n, "hpa": n, "monitor": n, "cache_pvc": f"{n}-model-cache",
-            "cache_job": f"{n}-model-download"}
+            "cache_job": f"{n}-model-download", "interceptorroute": n, "wake": f"{n}-wake",
+            "inferencepool": n, "epp": f"{n}-epp", "httproute": n}
 
 
 def selector_labels(spec: InferenceServiceSpec) -> dict[str, str]:

@@ -19,6 +19,9 @@ UPSTREAM = {  # (apiVersion, kind) -> file under PAGEANT_SCHEMAS_DIR
     ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_scaledobjects.yaml",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
+    ("http.keda.sh/v1beta1", "InterceptorRoute"): "http.keda.sh_interceptorroutes.yaml",
+    ("inference.networking.k8s.io/v1", "InferencePool"): "inference.networking.k8s.io_inferencepools.yaml",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "gateway.networking.k8s.io_httproutes.yaml",
 }
 
 
@@ -45,8 +48,9 @@ def upstream_validators() -> dict[tuple[str, str], jsonschema.Draft4Validator]:
 
 @pytest.fixture(scope="session")
 def validate_manifest(upstream_validators) -> Callable[[dict[str, Any]], None]:
-    """Validate a rendered object: core kinds with kubernetes-validate (strict, 1.33); KEDA and
-    Prometheus Operator kinds with their published CRD schemas."""
+    """Validate a rendered object: core kinds with kubernetes-validate (strict, 1.33); KEDA (and its
+    HTTP add-on), Prometheus Operator, Gateway API and Inference Extension kinds with their
+    published CRD schemas."""
 
     def validate(obj: dict[str, Any]) -> None:
         key = (obj["apiVersion"], obj["kind"])

@@ -17,7 +17,8 @@ from pageant.operator.builders import autoscale, common, workload
 
 
 def _children(body) -> dict[str, dict]:
-    return {c.kind: c.manifest for c in render.children(spec.parse(body))}
+    """kind -> manifest; the first of each kind (the engine's Deployment and Service come first)."""
+    return {c.kind: c.manifest for c in reversed(render.children(spec.parse(body)))}
 
 
 def _container(children) -> dict:
@@ -55,6 +56,13 @@ FEATURES = {
     "podmonitor": {"monitoring": {"kind": "PodMonitor", "interval": "30s"}},
     "replicas": {"replicas": 3},
     "no-netpol": {"networkPolicy": {"enabled": False}, "serviceAccountName": "engine"},
+    "scale-from-zero-tuned": {"autoscaling": {"minReplicas": 0, "maxReplicas": 2, "scaleFromZero": {
+        "interceptorNamespace": "keda-http", "targetConcurrency": 8,
+        "timeouts": {"readiness": "45m", "request": "1h", "responseHeader": "10m"}}}},
+    "routing": {"routing": {"inferencePool": {"enabled": True, "gateway": {"name": "inference-gw",
+                                                                          "namespace": "gateways",
+                                                                          "sectionName": "http"}}},
+                "engine": {"maxLoras": 2}},
 }
 
 
@@ -229,7 +237,8 @@ def test_keda_scale_to_zero(make_body):
     assert so["scaleTargetRef"] == {"apiVersion": "pageant.dev/v1alpha1", "kind": "InferenceService", "name": "demo"}
     assert so["idleReplicaCount"] == 0 and so["minReplicaCount"] == 1 and so["maxReplicaCount"] == 4
     assert so["initialCooldownPeriod"] >= 600
-    (trigger,) = so["triggers"]
+    trigger, wake = so["triggers"]  # the engine signal, and the HTTP add-on's pending requests
+    assert wake["type"] == "external-push" and wake["metadata"]["interceptorRoute"] == "demo"
     assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
     assert trigger["metadata"]["query"] == 'sum(vllm:num_requests_waiting{namespace="ml",model_name="tiny"})'
     assert trigger["metadata"]["threshold"] == "4"

@@ -69,7 +69,8 @@ def test_schema_is_structural():
 
 
 def test_examples_pass_the_crd_schema_and_python_rules(examples, our_validator):
-    assert set(examples) >= {"hub-model.yaml", "pvc-model-with-adapters.yaml", "keda-scale-to-zero.yaml"}
+    assert set(examples) >= {"hub-model.yaml", "pvc-model-with-adapters.yaml", "keda-scale-to-zero.yaml",
+                             "gateway-routed.yaml"}
     for name, body in examples.items():
         our_validator.validate(body)
         spec.parse(body)  # the CEL rules, re-checked in Python

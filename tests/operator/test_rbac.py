@@ -30,6 +30,11 @@ def test_rules_cover_every_call_and_nothing_more():
         ("", "pods"): {"list"},
         ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
     }
+    # What the endpoint picker's Role grants, the operator must hold (RBAC escalation check).
+    for rule in rbac.EPP_RULES:
+        for g in rule["apiGroups"]:
+            for r in rule["resources"]:
+                needed.setdefault((g, r), set()).update(rule["verbs"])
     for kind, (api_version, plural, _) in kube.RESOURCES.items():
         if kind in ("InferenceService", "Pod"):
             continue
@@ -37,5 +42,5 @@ def test_rules_cover_every_call_and_nothing_more():
         verbs = {"get", "create"} | (set() if kind in NEVER_PATCHED else {"patch"})
         if kind in render.PRUNABLE_KINDS:
             verbs |= {"list", "delete"}
-        needed[(group, plural)] = verbs
+        needed.setdefault((group, plural), set()).update(verbs)
     assert _granted() == needed

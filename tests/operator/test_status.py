@@ -95,7 +95,8 @@ def test_adapter_counts(make_body):
     assert _cond(unknown, "AdaptersReady")["status"] == "Unknown"
     partial = status.compute(s, status.Observed(deployment=_dep(2, 2), pods=pods, adapter_counts={"a": 2, "b": 1},
                                                 adapter_errors=["pod y: load b: HTTP 404"]), None)
-    assert partial["adapters"] == [{"name": "a", "readyReplicas": 2}, {"name": "b", "readyReplicas": 1}]
+    assert partial["adapters"] == [{"name": "a", "readyReplicas": 2, "state": "Loaded"},
+                                   {"name": "b", "readyReplicas": 1, "state": "Loading"}]
     assert _cond(partial, "AdaptersReady")["status"] == "False" and "b (1/2)" in _cond(partial, "AdaptersReady")["message"]
     assert "HTTP 404" in _cond(partial, "AdaptersReady")["message"]
     full = status.compute(s, status.Observed(deployment=_dep(2, 2), pods=pods, adapter_counts={"a": 2, "b": 2}), None)
@@ -134,3 +135,42 @@ def test_unreachable_api_server_is_a_typed_error():
 
     with pytest.raises(kube.Unreachable):
         asyncio.run(call())
+
+
+def _parented(*conds):
+    return {"metadata": {"name": "demo"}, "status": {"parents": [{
+        "parentRef": {"name": "gw"}, "conditions": [{"type": t, "status": s, "reason": r, "message": m}
+                                                    for t, s, r, m in conds]}]}}
+
+
+def test_routed_from_route_and_pool_status(make_body):
+    s = _spec(make_body, routing={"inferencePool": {"enabled": True, "gateway": {"name": "gw"}}})
+    ok = [("Accepted", "True", "Accepted", ""), ("ResolvedRefs", "True", "ResolvedRefs", "")]
+    st = status.compute(s, status.Observed(deployment=_dep(), route=_parented(*ok), pool=_parented(*ok)), None)
+    assert _cond(st, "Routed")["status"] == "True" and "ml/gw" in _cond(st, "Routed")["message"]
+    pending = status.compute(s, status.Observed(deployment=_dep(), route={"metadata": {"name": "demo"}},
+                                                pool=_parented(*ok)), None)
+    assert (_cond(pending, "Routed")["status"], _cond(pending, "Routed")["reason"]) == ("Unknown", "Pending")
+    refused = status.compute(s, status.Observed(deployment=_dep(), route=_parented(
+        ("Accepted", "False", "NotAllowedByListeners", "no listener allows this route"), ok[1]),
+        pool=_parented(*ok)), None)
+    assert _cond(refused, "Routed")["reason"] == "HTTPRouteNotAccepted"
+    assert "NotAllowedByListeners" in _cond(refused, "Routed")["message"]
+    unresolved = status.compute(s, status.Observed(deployment=_dep(), route=_parented(*ok), pool=_parented(
+        ok[0], ("ResolvedRefs", "False", "InvalidExtensionRef", "epp not found"))), None)
+    assert _cond(unresolved, "Routed")["reason"] == "InferencePoolRefsNotResolved"
+    missing = status.compute(s, status.Observed(deployment=_dep()), None)
+    assert _cond(missing, "Routed")["reason"] == "HTTPRouteMissing"
+    plain = status.compute(_spec(make_body), status.Observed(deployment=_dep()), None)
+    assert "Routed" not in {c["type"] for c in plain["conditions"]}
+
+
+def test_failed_adapter_state_and_wake_url(make_body):
+    s = _spec(make_body, engine={"maxLoras": 2}, adapters=[{"name": "a", "hub": {"repo": "o/a"}}],
+              autoscaling={"minReplicas": 0, "maxReplicas": 2})
+    st = status.compute(s, status.Observed(deployment=_dep(1, 1), pods=[_pod("x", True)], adapter_counts={"a": 0},
+                                           adapter_failed={"a": "pod x: HTTP 404 no such adapter"}, wake=True), None)
+    assert st["adapters"] == [{"name": "a", "readyReplicas": 0, "state": "Failed",
+                               "message": "pod x: HTTP 404 no such adapter"}]
+    assert st["url"] == "http://demo-wake.ml.svc.cluster.local:8080/v1"
+    assert status.compute(s, status.Observed(deployment=_dep()), None)["url"] == "http://demo.ml.svc.cluster.local:8000/v1"

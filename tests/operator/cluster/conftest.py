@@ -23,11 +23,15 @@ CHILD_RESOURCES = {
     "Pod": "v1/pods", "Event": "v1/events", "PodDisruptionBudget": "policy/v1/poddisruptionbudgets",
     "NetworkPolicy": "networking.k8s.io/v1/networkpolicies", "Job": "batch/v1/jobs",
     "HorizontalPodAutoscaler": "autoscaling/v2/horizontalpodautoscalers",
-    "PersistentVolumeClaim": "v1/persistentvolumeclaims",
+    "PersistentVolumeClaim": "v1/persistentvolumeclaims", "ServiceAccount": "v1/serviceaccounts",
+    "Role": "rbac.authorization.k8s.io/v1/roles", "RoleBinding": "rbac.authorization.k8s.io/v1/rolebindings",
 }
 OPTIONAL_RESOURCES = {"ScaledObject": "keda.sh/v1alpha1/scaledobjects",
                       "ServiceMonitor": "monitoring.coreos.com/v1/servicemonitors",
-                      "PodMonitor": "monitoring.coreos.com/v1/podmonitors"}
+                      "PodMonitor": "monitoring.coreos.com/v1/podmonitors",
+                      "InterceptorRoute": "http.keda.sh/v1beta1/interceptorroutes",
+                      "InferencePool": "inference.networking.k8s.io/v1/inferencepools",
+                      "HTTPRoute": "gateway.networking.k8s.io/v1/httproutes"}
 IS_RESOURCE = "pageant.dev/v1alpha1/inferenceservices"
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 
@@ -203,8 +207,10 @@ class Cluster:
         return deleted
 
     def install(self, kind: str) -> None:
-        """Install an optional API (as if its CRD were applied): KEDA or the Prometheus Operator."""
-        self.k.resources[OPTIONAL_RESOURCES[kind]] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs=VERBS)
+        """Install an optional API (as if its CRD were applied): KEDA, its HTTP add-on, the Prometheus
+        Operator, Gateway API or the Inference Extension."""
+        self.k.resources[OPTIONAL_RESOURCES[kind]] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs=VERBS,
+                                                                        subresources={"status"})
 
     def requests(self, method: str, path_part: str) -> list:
         return [r for r in list(self.k) if str(getattr(r.method, "value", r.method)).upper() == method.upper()
@@ -300,7 +306,7 @@ async def cluster():
         config = OperatorConfig(connection=kopf.ConnectionInfo(server=url), metrics_port=None, health_port=None,
                                 resync_seconds=0.3, pod_url_template=f"http://{{ip}}:{pod_port}",
                                 pod_timeout_seconds=2.0, api_timeout_seconds=2.0,
-                                discovery_ttl_seconds=0.2)
+                                discovery_ttl_seconds=0.2, adapter_retry_seconds=0.5)
         metrics = OperatorMetrics()
         # The operator runs in its own thread and event loop, as in production: kopf treats tasks
         # born during its run in its loop as its own (it would wait for kmock's server handlers).
