@@ -1,19 +1,39 @@
-"""The one module that talks to the Kubernetes API (aiohttp, kopf's credentials).
+"""The one module that talks to the Kubernetes API: the official ``kubernetes`` client, with kopf's
+credentials (:mod:`pageant.operator.kube_config` turns a ``kopf.ConnectionInfo`` into its
+``Configuration``).
+
+Calls go through ``kubernetes.dynamic.DynamicClient.request`` on the resource paths built here
+(:data:`RESOURCES`; no discovery walk at start-up), in a small thread pool so that kopf's event
+loop never blocks. Writes carry ``fieldManager=pageant-operator``. They are create (POST) plus
+JSON merge patch, not server-side apply: the reconciler's contract (409 on create adopts, create-
+only children, the ownership check) is built on them, and the test API server (kmock) does not
+implement apply (it 404s an apply of a missing object and keeps no managedFields).
 
 404 on read/delete and 409 on create are normal outcomes, returned as values (None / False /
 :class:`Conflict`), never raised as failures. Everything else becomes a typed :class:`ApiError`:
-:class:`Forbidden` (403: RBAC, shown in status), :class:`ServerError` (5xx) and
-:class:`Unreachable` (connection/timeouts), which the reconciler retries with backoff.
+:class:`Forbidden` (403: RBAC, shown in status), :class:`ServerError` (5xx, or any other
+status) and :class:`Unreachable` (connection refused, DNS, TLS, timeouts), which the reconciler
+retries with backoff. The client itself never retries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import json
+import threading
 import time
 from typing import Any
 
-import aiohttp
+import urllib3
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+
+from pageant.operator import kube_config
+
+FIELD_MANAGER = "pageant-operator"
 
 # kind -> (apiVersion, plural, namespaced)
 RESOURCES: dict[str, tuple[str, str, bool]] = {
@@ -81,59 +101,91 @@ def _matches(obj: dict[str, Any], labels: dict[str, str]) -> bool:
     return all(have.get(k) == v for k, v in labels.items())
 
 
-class KubeClient:
-    """Minimal async Kubernetes client. ``connection`` is a kopf.ConnectionInfo; it may be replaced
-    (on re-login) with :meth:`set_connection`."""
+class _NoDiscovery:
+    """DynamicClient's discoverer slot: paths come from :data:`RESOURCES`, and optional APIs are
+    probed by :meth:`KubeClient.api_available` with its own TTL."""
 
-    def __init__(self, timeout_seconds: float = 30.0, discovery_ttl_seconds: float = 60.0) -> None:
+    def __init__(self, client: Any, cache_file: Any) -> None:
+        pass
+
+
+def _decode(data: Any) -> Any:
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", "replace")
+    try:
+        return json.loads(data) if data else None
+    except ValueError:
+        return data
+
+
+class KubeClient:
+    """Async facade over the official client. ``connection`` is a kopf.ConnectionInfo; it may be
+    replaced (on re-login) with :meth:`set_connection`."""
+
+    def __init__(self, timeout_seconds: float = 30.0, discovery_ttl_seconds: float = 60.0,
+                 max_workers: int = 8) -> None:
         self._connection: Any = None
-        self._session: aiohttp.ClientSession | None = None
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        # (client, temp files for its in-memory certificates); the lock because kopf may call
+        # the (sync) login handler, hence set_connection, from another thread.
+        self._client: tuple[DynamicClient, list[str]] | None = None
+        self._lock = threading.Lock()
+        self._timeout = timeout_seconds
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers, thread_name_prefix="pageant-kube")
         self._discovery: dict[str, tuple[float, set[str]]] = {}
         self._discovery_ttl = discovery_ttl_seconds
         self._closed = False
 
     def set_connection(self, connection: Any) -> None:
-        if connection != self._connection:
-            self._connection = connection
-            if self._session is not None and not self._session.closed:
-                asyncio.get_event_loop().create_task(self._session.close())
-            self._session = None
+        with self._lock:
+            if connection == self._connection:
+                return
+            self._connection, old, self._client = connection, self._client, None
+        self._dispose(old)
+
+    @staticmethod
+    def _dispose(old: tuple[DynamicClient, list[str]] | None) -> None:
+        """Close a replaced client (a call in flight on it fails as Unreachable and is retried)."""
+        if old is not None:
+            old[0].client.close()
+            kube_config.remove_files(old[1])
 
     async def close(self) -> None:
-        """Close for good: later calls fail as Unreachable instead of opening a new session."""
-        self._closed = True
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close for good: later calls fail as Unreachable instead of opening a new client."""
+        with self._lock:
+            self._closed, old, self._client = True, self._client, None
+        self._dispose(old)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._connection is None or self._closed:
-            raise Unreachable(0, "connect", "-", "client closed" if self._closed else "not logged in yet")
-        if self._session is None or self._session.closed:
-            info = self._connection
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=info.as_ssl_context()),
-                headers={**info.as_http_headers(), "User-Agent": "pageant-operator"}, timeout=self._timeout)
-        return self._session
+    def _get_client(self) -> DynamicClient:
+        with self._lock:
+            if self._connection is None or self._closed:
+                raise Unreachable(0, "connect", "-", "client closed" if self._closed else "not logged in yet")
+            if self._client is None:
+                files: list[str] = []
+                cfg, headers = kube_config.configuration(self._connection, files)
+                api = k8s.ApiClient(cfg)
+                api.user_agent = "pageant-operator"
+                for header, value in headers.items():
+                    api.set_default_header(header, value)
+                self._client = (DynamicClient(api, discoverer=_NoDiscovery), files)
+            return self._client[0]
 
     async def _request(self, method: str, kind: str, path: str, *, body: Any = None,
                        content_type: str = "application/json", params: dict[str, str] | None = None
                        ) -> tuple[int, Any]:
-        session = self._get_session()
-        url = self._connection.server.rstrip("/") + path
-        data = None if body is None else json.dumps(body)
-        headers = {"Content-Type": content_type} if body is not None else {}
+        """(HTTP status, decoded body) of one call; only "no answer" raises (Unreachable)."""
+        client = self._get_client()
+        call = functools.partial(client.request, method, path, body=body, content_type=content_type,
+                                 serialize=False, _request_timeout=(self._timeout, self._timeout), **(params or {}))
         try:
-            async with session.request(method, url, data=data, headers=headers, params=params) as resp:
-                text = await resp.text()
-                try:
-                    payload = json.loads(text) if text else None
-                except ValueError:
-                    payload = text
-                return resp.status, payload
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            resp = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except ApiException as exc:
+            if not exc.status:  # the client's own "no HTTP answer" (e.g. a TLS failure)
+                raise Unreachable(0, method, kind, str(exc.reason)) from exc
+            return exc.status, _decode(exc.body)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise Unreachable(0, method, kind, f"{type(exc).__name__}: {exc}") from exc
+        return resp.status, _decode(resp.data)
 
     @staticmethod
     def _raise(status: int, verb: str, kind: str, payload: Any) -> None:
@@ -154,7 +206,7 @@ class KubeClient:
         """Objects of a kind in a namespace with all the labels (also filtered here, defensively)."""
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
         status, payload = await self._request("GET", kind, _path(kind, namespace),
-                                              params={"labelSelector": selector})
+                                              params={"label_selector": selector})
         if status == 404:
             return []
         if status != 200:
@@ -163,7 +215,8 @@ class KubeClient:
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         kind, meta = obj["kind"], obj["metadata"]
-        status, payload = await self._request("POST", kind, _path(kind, meta.get("namespace")), body=obj)
+        status, payload = await self._request("POST", kind, _path(kind, meta.get("namespace")), body=obj,
+                                              params={"field_manager": FIELD_MANAGER})
         if status == 409:
             raise Conflict(f"{kind} {meta.get('namespace')}/{meta['name']} already exists")
         if status not in (200, 201, 202):
@@ -174,7 +227,8 @@ class KubeClient:
                     subresource: str | None = None) -> dict[str, Any] | None:
         """JSON merge patch (RFC 7386: lists replaced whole, null deletes). None if not found."""
         status, payload = await self._request("PATCH", kind, _path(kind, namespace, name, subresource), body=patch,
-                                              content_type="application/merge-patch+json")
+                                              content_type="application/merge-patch+json",
+                                              params={"field_manager": FIELD_MANAGER})
         if status == 404:
             return None
         if status != 200:
