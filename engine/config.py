@@ -67,6 +67,9 @@ class EngineConfig:
     # structured outputs: {"backend": "auto" | "xgrammar" | "guidance", "disable_any_whitespace": bool,
     # "reasoning_parser": "deepseek_r1" | "qwen3" (the constraint starts after the reasoning)}
     structured_outputs_config: dict[str, Any] | None = None
+    # weight quantization (vLLM's names): None detects the checkpoint's quantization_config
+    # (compressed-tensors); "fp8" quantizes a float checkpoint's linear weights to FP8 on load
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -105,6 +108,12 @@ class EngineConfig:
                                  "and 'reasoning_parser'")
             if so.get("backend", "auto") not in ("auto", "xgrammar", "guidance"):
                 raise ValueError(f"structured outputs backend must be auto, xgrammar or guidance, got {so.get('backend')!r}")
+        if self.quantization is not None:
+            from pageant.engine.layers.quantization import SUPPORTED_QUANTIZATION
+
+            if self.quantization not in SUPPORTED_QUANTIZATION:
+                raise ValueError(f"unsupported quantization {self.quantization!r}; supported: "
+                                 f"{', '.join(SUPPORTED_QUANTIZATION)} (or None to detect the checkpoint's)")
         if self.attention_backend not in (None, "torch", "triton"):
             raise ValueError(f"attention_backend must be 'torch' or 'triton', got {self.attention_backend!r}")
 

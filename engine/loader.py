@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from pageant.engine.config import ModelConfig
 from pageant.engine.layers.layernorm import GemmaRMSNorm
 from pageant.engine.layers.parallel import SINGLE, ParallelState
+from pageant.engine.layers.quantization import apply_quantization, resolve_quantization
 from pageant.engine.models.base import CausalLM
 from pageant.engine.models.registry import model_class
 
@@ -67,12 +68,16 @@ def safetensors_files(path: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _build(model_config: ModelConfig, ops: ModuleType, dtype: torch.dtype, device: torch.device,
-           max_position: int, parallel: ParallelState) -> CausalLM:
-    """The family's model, uninitialised on ``device`` (built on the meta device, then allocated)."""
+           max_position: int, parallel: ParallelState, quant_config=None) -> CausalLM:
+    """The family's model, uninitialised on ``device`` (built on the meta device, then allocated);
+    ``quant_config`` gives the linear layers it covers their quantized parameters before allocation."""
     cls = model_class(model_config.architecture)
     with torch.device("meta"):
         model = cls(model_config, ops, max_position, parallel)
-    model = model.to_empty(device=device).to(dtype)
+        apply_quantization(model, quant_config)
+    # float parameters take the model dtype; quantized storage (int, float8 bytes) keeps its own
+    model = model.to_empty(device=device)._apply(
+        lambda t: t.to(dtype) if t.is_floating_point() and t.element_size() > 1 else t)
     model.tie_weights()  # to_empty un-ties shared parameters
     model.init_buffers(device)
     return model
@@ -86,10 +91,19 @@ def load_model(
     device: torch.device,
     max_position: int,
     parallel: ParallelState = SINGLE,
+    quantization: str | None = None,
 ) -> CausalLM:
     """Build the model without initialising it, then fill every parameter from the checkpoint
-    (with a progress bar). Raises ``ValueError`` if a parameter is missing from the checkpoint."""
-    model = _build(model_config, ops, dtype, device, max_position, parallel)
+    (with a progress bar). Raises ``ValueError`` if a parameter is missing from the checkpoint.
+
+    ``quantization`` (``EngineConfig.quantization``): None detects the checkpoint's
+    ``quantization_config``; see ``pageant.engine.layers.quantization``."""
+    quant_config = resolve_quantization(model_config.raw, quantization)
+    if quant_config is not None and quant_config.name != "fp8" and model_class(model_config.architecture).rename \
+            is not CausalLM.rename:
+        raise ValueError(f"{quant_config.name} checkpoints are supported for Llama-family models only so far, "
+                         f"not {model_config.architecture}")
+    model = _build(model_config, ops, dtype, device, max_position, parallel, quant_config)
     files = safetensors_files(path)
     loaded: set[str] = set()
 

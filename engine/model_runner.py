@@ -71,7 +71,8 @@ class ModelRunner:
         if config.load_format == "dummy":
             self.model = build_dummy_model(model_config, ops, self.dtype, self.device, max_position, config.seed)
         else:
-            self.model = load_model(path, model_config, ops, self.dtype, self.device, max_position)
+            self.model = load_model(path, model_config, ops, self.dtype, self.device, max_position,
+                                    quantization=config.quantization)
         if lora_manager is not None:
             wrap_model(self.model, lora_manager)
         self.num_kv_blocks = config.num_kv_blocks or self._blocks_from_memory()

@@ -54,6 +54,7 @@ class LinearBase(nn.Module):
         self.input_size_per_partition = input_size_per_partition
         self.output_size_per_partition = output_size_per_partition
         self.parallel = parallel
+        self.params_dtype = params_dtype
         self.quant_method = quant_method or UnquantizedLinearMethod()
         self.quant_method.create_weights(self, input_size_per_partition, output_size_per_partition, params_dtype)
         if bias:
@@ -74,6 +75,21 @@ class LinearBase(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         _copy(param, loaded)
+
+    def set_quant_method(self, method) -> None:
+        """Replace the weights with ``method``'s (a quantized checkpoint; call on the meta build).
+
+        A method with ``weight_loader(layer, param, loaded, shard_id, dense_loader)`` sees every
+        checkpoint tensor first (to unpack or quantize it) and hands the rows to the layer's own
+        loader ``dense_loader``, which places shards as for dense weights."""
+        for name in [n for n, _ in self.named_parameters(recurse=False) if n != "bias"]:
+            delattr(self, name)
+        self.quant_method = method
+        method.create_weights(self, self.input_size_per_partition, self.output_size_per_partition, self.params_dtype)
+        load = getattr(method, "weight_loader", None)
+        if load is not None:
+            dense = type(self).weight_loader.__get__(self)
+            self.weight_loader = lambda param, loaded, shard_id=None: load(self, param, loaded, shard_id, dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, in] -> [num_tokens, out]
         return self.quant_method.apply(self, x, self.bias)

@@ -1,0 +1,78 @@
+"""Quantized linear layers: which checkpoint formats load, and how a model gets its quant methods.
+
+``resolve_quantization(hf_config, requested)`` reads config.json's ``quantization_config`` and the
+user's ``EngineConfig.quantization`` (vLLM's names) and returns a ``QuantConfig`` or None (dense):
+
+- ``"compressed-tensors"`` (detected from ``quant_method``): weight-only int4/int8 ``pack-quantized``
+  (channel or group scales, symmetric or with zero points) and FP8 ``float-quantized`` /
+  ``naive-quantized`` (per-tensor or per-channel scales); see ``compressed_tensors.py``;
+- ``"fp8"``: online FP8 of a float checkpoint, every linear layer (embeddings and lm_head stay
+  dense), one scale per output channel; see ``fp8.py``.
+
+``apply_quantization(model, quant_config)`` swaps the quant method of every ``LinearBase`` the
+config covers, on the meta-device model before it is allocated. The CPU path dequantizes per layer
+on the fly in ``apply``; there are no fused dequant kernels yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+SUPPORTED_QUANTIZATION = ("compressed-tensors", "fp8")
+
+
+class QuantConfig:
+    """A model-wide quantization setting: the quant method of each linear layer."""
+
+    name: str = ""
+
+    def get_quant_method(self, layer: nn.Module, prefix: str, checkpoint_names: list[str]):
+        """The method for the ``LinearBase`` ``layer`` called ``prefix`` in our model, whose checkpoint
+        modules are ``checkpoint_names`` (several for merged q/k/v, gate/up); None: stays dense."""
+        raise NotImplementedError
+
+
+def resolve_quantization(hf_config: dict[str, Any], requested: str | None) -> QuantConfig | None:
+    """The quantization of a checkpoint (``requested`` None: detect from config.json)."""
+    qcfg = hf_config.get("quantization_config")
+    method = None if qcfg is None else str(qcfg.get("quant_method", "")).lower().replace("_", "-")
+    if requested is not None and requested not in SUPPORTED_QUANTIZATION:
+        raise ValueError(f"unsupported quantization {requested!r}; supported: {', '.join(SUPPORTED_QUANTIZATION)}")
+    if qcfg is not None and method not in ("compressed-tensors",):
+        raise ValueError(f"checkpoint quantization_config has quant_method {qcfg.get('quant_method')!r}, which is "
+                         f"not supported; supported: {', '.join(SUPPORTED_QUANTIZATION)}")
+    if requested == "fp8":
+        if qcfg is not None:
+            raise ValueError("quantization='fp8' quantizes a float checkpoint online, but this checkpoint is already "
+                             f"quantized ({method}); leave quantization unset to load it as it is")
+        from pageant.engine.layers.quantization.fp8 import Fp8OnlineConfig
+
+        return Fp8OnlineConfig()
+    if requested == "compressed-tensors" and qcfg is None:
+        raise ValueError("quantization='compressed-tensors' but the checkpoint's config.json has no quantization_config")
+    if qcfg is None:
+        return None
+    from pageant.engine.layers.quantization.compressed_tensors import CompressedTensorsConfig
+
+    return CompressedTensorsConfig.from_config(qcfg)
+
+
+def apply_quantization(model: nn.Module, quant_config: QuantConfig | None) -> None:
+    """Give every linear layer ``quant_config`` covers its quant method (call on the meta build)."""
+    if quant_config is None:
+        return
+    from pageant.engine.layers.linear import LinearBase
+
+    stacked = getattr(model, "stacked", ())
+    for prefix, layer in list(model.named_modules()):
+        if not isinstance(layer, LinearBase):
+            continue
+        if layer.parallel.tp_size > 1:
+            raise ValueError(f"{quant_config.name} quantization does not support tensor parallelism yet")
+        head, _, leaf = prefix.rpartition(".")
+        parts = [f"{head}.{theirs}" if head else theirs for ours, theirs, _ in stacked if ours == leaf]
+        method = quant_config.get_quant_method(layer, prefix, parts or [prefix])
+        if method is not None:
+            layer.set_quant_method(method)
