@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--enforce-eager", action="store_true", default=None,
                    help="never capture CUDA graphs: decode runs eagerly, as prefill always does (None: off)")
     e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1 is supported")
+    e.add_argument("--load-format", choices=["auto", "dummy"], default=None,
+                   help="auto: the checkpoint's safetensors; dummy: random weights made on the device from "
+                        "config.json (benchmarks of large shapes) (None: auto)")
     e.add_argument("--quantization", "-q", choices=["compressed-tensors", "fp8"], default=None,
                    help="weights' quantization: compressed-tensors (int4/int8/fp8 checkpoints, also detected from "
                         "config.json) or fp8 (online, per-channel, of a float checkpoint) (None: from the checkpoint)")
@@ -176,7 +179,7 @@ def engine_kwargs(args: argparse.Namespace, model_dir: str | None = None) -> dic
     length (``--max-model-len``, else the checkpoint's in ``model_dir``), so no prompt is ever split."""
     keys = ["tokenizer", "dtype", "device", "seed", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
             "block_size", "num_kv_blocks", "kv_cache_memory_gib", "gpu_memory_utilization", "attention_backend",
-            "enable_prefix_caching", "enforce_eager", "quantization"]
+            "enable_prefix_caching", "enforce_eager", "quantization", "load_format"]
     kwargs = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     runner = args.runner or {"embed": "pooling", "generate": "generate", None: None}[args.task]
     if args.runner and args.task and runner != {"embed": "pooling", "generate": "generate"}[args.task]:
