@@ -44,6 +44,24 @@ def randn(g, *shape, dtype=torch.float32):
 # -------------------------------------------------------------------------------------------- norms
 
 
+def _check_norm(g, ours, ref, w, dtype, with_residual, n, size, scale):
+    """Same weight ``w`` in both norms; outputs (and the residual sum) bit-equal in ``dtype``."""
+    with torch.no_grad():
+        ours.weight.copy_(w)
+        ref.weight.copy_(w)
+    ours.to(dtype), ref.to(dtype)  # (modules convert in place)
+    x, res = randn(g, n, size, dtype=dtype) * scale, randn(g, n, size, dtype=dtype)
+    with torch.no_grad():
+        if with_residual:
+            out, new_res = ours(x, res)
+            assert torch.equal(new_res, x + res)
+            assert torch.equal(out, ref(x + res))
+        else:
+            out = ours(x)
+            assert out.dtype == dtype and torch.equal(out, ref(x))
+    return x, res
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_equals_llama(dtype, with_residual):
@@ -51,19 +69,7 @@ def test_rms_norm_equals_llama(dtype, with_residual):
     size, n, eps = 48, 7, 1e-5
     ours = RMSNorm(size, eps, TORCH_OPS)
     ref = LlamaRMSNorm(size, eps=eps)
-    w = randn(g, size) * 0.5 + 1
-    with torch.no_grad():
-        ours.weight.copy_(w)
-        ref.weight.copy_(w)
-    ours, ref = ours.to(dtype), ref.to(dtype)
-    x, res = randn(g, n, size, dtype=dtype) * 3, randn(g, n, size, dtype=dtype)
-    with torch.no_grad():
-        if with_residual:
-            out, new_res = ours(x, res)
-            assert torch.equal(new_res, x + res)
-            assert torch.equal(out, ref(x + res))
-        else:
-            assert torch.equal(ours(x), ref(x))
+    _check_norm(g, ours, ref, randn(g, size) * 0.5 + 1, dtype, with_residual, n, size, scale=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -73,20 +79,7 @@ def test_gemma_rms_norm_equals_gemma2(dtype, with_residual):
     size, n, eps = 40, 6, 1e-6
     ours, ref = GemmaRMSNorm(size, eps), Gemma2RMSNorm(size, eps=eps)
     w = randn(g, size) * 0.3  # stored as w, applied as 1 + w
-    with torch.no_grad():
-        ours.weight.copy_(w)
-        ref.weight.copy_(w)
-    ours, ref = ours.to(dtype), ref.to(dtype)
-    x, res = randn(g, n, size, dtype=dtype) * 2, randn(g, n, size, dtype=dtype)
-    with torch.no_grad():
-        if with_residual:
-            out, new_res = ours(x, res)
-            assert torch.equal(new_res, x + res)
-            assert torch.equal(out, ref(x + res))
-        else:
-            out = ours(x)
-            assert out.dtype == dtype
-            assert torch.equal(out, ref(x))
+    x, res = _check_norm(g, ours, ref, w, dtype, with_residual, n, size, scale=2)
     # the (1 + w) form really differs from Llama's w * x
     llama = LlamaRMSNorm(size, eps=eps).to(dtype)
     with torch.no_grad():
