@@ -96,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--load-format", choices=["auto", "dummy"], default=None,
                    help="auto: the checkpoint's safetensors; dummy: random weights made on the device from "
                         "config.json (benchmarks of large shapes) (None: auto)")
-    e.add_argument("--quantization", "-q", choices=["compressed-tensors", "fp8"], default=None,
-                   help="weights' quantization: compressed-tensors (int4/int8/fp8 checkpoints, also detected from "
-                        "config.json) or fp8 (online, per-channel, of a float checkpoint) (None: from the checkpoint)")
+    e.add_argument("--quantization", "-q", choices=["compressed-tensors", "gptq", "awq", "fp8"], default=None,
+                   help="weights' quantization: compressed-tensors, gptq or awq checkpoints (also detected from "
+                        "config.json), or fp8 (online, per channel, of a float checkpoint) (None: from the checkpoint)")
     r = ap.add_argument_group("runner, embeddings and structured outputs")
     r.add_argument("--runner", choices=["generate", "pooling"], default=None,
                    help="generate: text generation; pooling: embeddings through /v1/embeddings (None: generate)")

@@ -236,18 +236,18 @@ def test_bad_checkpoints(quantized, dense, tmp_path):
     with pytest.raises(ValueError, match=r"lacks weights.*layers.1.self_attn.qkv_proj.weight_scale:k"):
         LLM(model=_variant(int4, tmp_path / "noscale", drop="model.layers.1.self_attn.k_proj.weight_scale"))
 
-    def gptq(q):
-        q["quant_method"] = "gptq"
-    with pytest.raises(ValueError, match=r"quant_method 'gptq'.*supported: compressed-tensors, fp8"):
-        LLM(model=_variant(int4, tmp_path / "gptq", gptq))
+    def unknown(q):
+        q["quant_method"] = "bitsandbytes"
+    with pytest.raises(ValueError, match=r"quant_method 'bitsandbytes'.*supported: compressed-tensors, fp8, gptq, awq"):
+        LLM(model=_variant(int4, tmp_path / "bnb", unknown))
 
     def w8a8(q):
         q["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "int", "dynamic": True}
     with pytest.raises(ValueError, match=r"quantizes activations"):
         LLM(model=_variant(int4, tmp_path / "w8a8", w8a8))
 
-    with pytest.raises(ValueError, match=r"unsupported quantization 'awq'; supported: compressed-tensors, fp8"):
-        EngineConfig(model=dense, quantization="awq")
+    with pytest.raises(ValueError, match=r"unsupported quantization 'marlin'; supported: compressed-tensors, fp8, gptq, awq"):
+        EngineConfig(model=dense, quantization="marlin")
     with pytest.raises(ValueError, match=r"already quantized"):
         LLM(model=int4, quantization="fp8")
     with pytest.raises(ValueError, match=r"no quantization_config"):

@@ -6,6 +6,9 @@ user's ``EngineConfig.quantization`` (vLLM's names) and returns a ``QuantConfig`
 - ``"compressed-tensors"`` (detected from ``quant_method``): weight-only int4/int8 ``pack-quantized``
   (channel or group scales, symmetric or with zero points) and FP8 ``float-quantized`` /
   ``naive-quantized`` (per-tensor or per-channel scales); see ``compressed_tensors.py``;
+- ``"gptq"`` (detected): AutoGPTQ v1 int4 / int8, group or per channel, act-order ``g_idx``; see
+  ``gptq.py``;
+- ``"awq"`` (detected): AutoAWQ GEMM int4 with zero points; see ``awq.py``;
 - ``"fp8"``: online FP8 of a float checkpoint, every linear layer (embeddings and lm_head stay
   dense), one scale per output channel; see ``fp8.py``.
 
@@ -20,7 +23,8 @@ from typing import Any
 
 from torch import nn
 
-SUPPORTED_QUANTIZATION = ("compressed-tensors", "fp8")
+SUPPORTED_QUANTIZATION = ("compressed-tensors", "fp8", "gptq", "awq")  # what EngineConfig.quantization may request
+LOADABLE_QUANTIZATION = SUPPORTED_QUANTIZATION  # checkpoint formats (fp8 also online, of a float checkpoint)
 
 
 class QuantConfig:
@@ -40,9 +44,9 @@ def resolve_quantization(hf_config: dict[str, Any], requested: str | None) -> Qu
     method = None if qcfg is None else str(qcfg.get("quant_method", "")).lower().replace("_", "-")
     if requested is not None and requested not in SUPPORTED_QUANTIZATION:
         raise ValueError(f"unsupported quantization {requested!r}; supported: {', '.join(SUPPORTED_QUANTIZATION)}")
-    if qcfg is not None and method not in ("compressed-tensors",):
+    if qcfg is not None and method not in ("compressed-tensors", "gptq", "awq"):
         raise ValueError(f"checkpoint quantization_config has quant_method {qcfg.get('quant_method')!r}, which is "
-                         f"not supported; supported: {', '.join(SUPPORTED_QUANTIZATION)}")
+                         f"not supported; supported: {', '.join(LOADABLE_QUANTIZATION)}")
     if requested == "fp8":
         if qcfg is not None:
             raise ValueError("quantization='fp8' quantizes a float checkpoint online, but this checkpoint is already "
@@ -50,10 +54,20 @@ def resolve_quantization(hf_config: dict[str, Any], requested: str | None) -> Qu
         from pageant.engine.layers.quantization.fp8 import Fp8OnlineConfig
 
         return Fp8OnlineConfig()
-    if requested == "compressed-tensors" and qcfg is None:
-        raise ValueError("quantization='compressed-tensors' but the checkpoint's config.json has no quantization_config")
+    if requested is not None and qcfg is None:
+        raise ValueError(f"quantization={requested!r} but the checkpoint's config.json has no quantization_config")
     if qcfg is None:
         return None
+    if requested is not None and method != requested:
+        raise ValueError(f"quantization={requested!r} but the checkpoint is quantized with {method}")
+    if method == "gptq":
+        from pageant.engine.layers.quantization.gptq import GptqConfig
+
+        return GptqConfig.from_config(qcfg)
+    if method == "awq":
+        from pageant.engine.layers.quantization.awq import AwqConfig
+
+        return AwqConfig.from_config(qcfg)
     from pageant.engine.layers.quantization.compressed_tensors import CompressedTensorsConfig
 
     return CompressedTensorsConfig.from_config(qcfg)
