@@ -70,6 +70,22 @@ class EngineConfig:
     # weight quantization (vLLM's names): None detects the checkpoint's quantization_config
     # (compressed-tensors); "fp8" quantizes a float checkpoint's linear weights to FP8 on load
     quantization: str | None = None
+    # parallelism (see pageant.engine.distributed): tensor_parallel_size x pipeline_parallel_size
+    # ranks, one worker process each (gloo on the CPU, NCCL on CUDA), spread over nnodes nodes;
+    # this process is node node_rank; the rendezvous is master_addr:master_port (None: the
+    # MASTER_ADDR / MASTER_PORT environment that torchrun and LeaderWorkerSet set, else a free
+    # local port); a collective that waits longer than distributed_timeout_seconds fails the engine
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    distributed_timeout_seconds: float = 120.0
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -114,8 +130,24 @@ class EngineConfig:
             if self.quantization not in SUPPORTED_QUANTIZATION:
                 raise ValueError(f"unsupported quantization {self.quantization!r}; supported: "
                                  f"{', '.join(SUPPORTED_QUANTIZATION)} (or None to detect the checkpoint's)")
+        self._check_parallel()
         if self.attention_backend not in (None, "torch", "triton"):
             raise ValueError(f"attention_backend must be 'torch' or 'triton', got {self.attention_backend!r}")
+
+    def _check_parallel(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "nnodes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.node_rank, int) or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank!r}")
+        if self.world_size % self.nnodes:
+            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size ({self.world_size}) must be a multiple "
+                             f"of nnodes ({self.nnodes}): every node runs the same number of ranks")
+        if self.master_port is not None and (not isinstance(self.master_port, int) or not 0 < self.master_port < 65536):
+            raise ValueError(f"master_port must be a TCP port in [1, 65535], got {self.master_port!r}")
+        if not self.distributed_timeout_seconds > 0:
+            raise ValueError("distributed_timeout_seconds must be > 0")
 
 
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")

@@ -68,8 +68,13 @@ class LLMEngine:
             dtype=getattr(torch, config.dtype), backend=backend, adapter_root=config.allowed_lora_root,
             reserved_names=(self.model_name,),
         ) if config.enable_lora else None
-        self.runner = ModelRunner(config, model_config, path, pageant.kernels.get_ops(backend), max_model_len,
-                                  self.lora_manager)
+        if config.world_size > 1:  # tensor/pipeline parallel: rank 0 here, the other ranks in workers
+            from pageant.engine.distributed.executor import DistributedRunner
+
+            self.runner = DistributedRunner(config, model_config, path, backend, max_model_len, self.lora_manager)
+        else:
+            self.runner = ModelRunner(config, model_config, path, pageant.kernels.get_ops(backend), max_model_len,
+                                      self.lora_manager)
         self.config = dataclasses.replace(
             config, max_model_len=max_model_len, num_kv_blocks=self.runner.num_kv_blocks, attention_backend=backend
         )
@@ -244,6 +249,17 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    @property
+    def fatal_error(self) -> str | None:
+        """Why this engine can run no more steps (a tensor/pipeline-parallel rank died or hung), else None."""
+        return getattr(self.runner, "failure", None)
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a tensor/pipeline-parallel engine (no-op on one process)."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
+
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
@@ -270,6 +286,8 @@ class LLMEngine:
             ids = list(dict.fromkeys([s.seq.request_id for s in so.scheduled] + [s.request_id for s in rows]))
             logger.exception("engine step failed for requests %s", ids)
             self.abort_request(ids)
+            if self.fatal_error is not None:  # a rank is gone: no later step can run either
+                raise
             raise EngineStepError(ids, exc) from exc
         self.prompt_tokens_total += sum(s.num_prompt_tokens for s in rows if s.index == 0 and s.num_output_tokens == 0)
         self.generation_tokens_total += len(rows)
@@ -326,6 +344,8 @@ class LLMEngine:
         (a ValueError whose message fits an HTTP 400) for a bad adapter, path or name."""
         name, int_id, path = lora_request.lora_name, lora_request.lora_int_id, lora_request.lora_path
         added = self._lora().add_lora(name, int_id, path)
+        if added and hasattr(self.runner, "lora_command"):  # every rank's manager mirrors the driver's
+            self.runner.lora_command("add", (name, int_id, path))
         if added or name not in self._lora_identities:  # the prefix cache keys on the adapter's content
             self._lora_identities[name] = adapter_identity(name, int_id, path, self.config.allowed_lora_root)
         return added
@@ -338,6 +358,8 @@ class LLMEngine:
         if name is None or not manager.has_lora(name):
             return False
         manager.remove_lora(name)
+        if hasattr(self.runner, "lora_command"):
+            self.runner.lora_command("remove", (name,))
         self._lora_identities.pop(name, None)
         return True
 

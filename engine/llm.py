@@ -191,3 +191,14 @@ class LLM:
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a tensor/pipeline-parallel engine (also done when the LLM is
+        garbage-collected or the interpreter exits); the LLM cannot generate afterwards."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -6,6 +6,12 @@ of each sequence that samples, and prompt positions of requests asking for promp
 
 On CUDA the KV pool is sized by a profiling forward (``engine/memory.py`` does the arithmetic) and
 decode-only steps replay CUDA graphs (``engine/cuda_graph.py``) unless ``enforce_eager``.
+
+With tensor/pipeline parallelism (``dist`` given, see ``pageant.engine.distributed``) the runner
+holds one rank's shard: its stage's layers, its KV heads, a pool of the size every rank can hold.
+``prepare_host`` is the part the driver computes once and broadcasts; every rank then runs
+``to_device`` and ``execute`` on it; a stage other than the last hands its hidden states on and
+returns no output.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from pageant.engine.adapters import LoRAManager, wrap_model
 from pageant.engine.attention import AttentionMetadata
 from pageant.engine.config import EngineConfig, ModelConfig
 from pageant.engine.cuda_graph import DecodeGraphs
+from pageant.engine.distributed.topology import kv_heads_per_rank
+from pageant.engine.layers.parallel import SINGLE
 from pageant.engine.loader import build_dummy_model, load_model
 from pageant.engine.memory import MemoryProfile, kv_cache_budget_bytes, num_kv_blocks_for_budget
 from pageant.engine.scheduler import SchedulerOutput
@@ -29,6 +37,29 @@ from pageant.engine.scheduler import SchedulerOutput
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class HostInput:
+    """One step's inputs on the host (picklable: the driver broadcasts it to the other ranks)."""
+
+    input_ids: np.ndarray  # [num_tokens] int64
+    positions: np.ndarray  # [num_tokens] int64
+    slot_mapping: np.ndarray  # [num_tokens] int64
+    query_start_loc: np.ndarray  # [num_seqs + 1] int32
+    seq_lens: np.ndarray  # [num_seqs] int32
+    block_tables: np.ndarray  # [num_seqs, max_blocks] int32
+    num_decode_seqs: int
+    max_query_len: int
+    max_seq_len: int
+    logits_indices: np.ndarray  # [num_sample_rows] int64
+    prompt_logits_indices: np.ndarray | None  # [num_prompt_positions] int64
+    prompt_targets: np.ndarray | None  # [num_prompt_positions] int64
+    prompt_spans: list[tuple[int, int, int]]
+    blocks_to_copy: tuple[tuple[int, int], ...]  # (source, destination) KV blocks, before the forward
+    lora_names: tuple[str | None, ...] | None  # per sequence (None: LoRA off)
+    num_new_tokens: tuple[int, ...]  # per sequence
+    pooling: bool  # some sequence is an embedding request: keep the hidden states
 
 
 @dataclass(frozen=True)
@@ -42,6 +73,7 @@ class ModelInput:
     prompt_logits_indices: torch.Tensor | None  # [num_prompt_positions] int64
     prompt_targets: torch.Tensor | None  # [num_prompt_positions] int64: next prompt token
     prompt_spans: list[tuple[int, int, int]]  # (scheduled index, first position, count)
+    host: HostInput | None = None
 
 
 @dataclass
@@ -59,26 +91,35 @@ class ModelRunner:
     num_kv_heads, head_dim]``; ``execute`` runs one step."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, path: pathlib.Path,
-                 ops: ModuleType, max_model_len: int, lora_manager: LoRAManager | None = None):
+                 ops: ModuleType, max_model_len: int, lora_manager: LoRAManager | None = None, dist=None):
         self.config = config
+        self.dist = dist  # a DistContext (this rank's groups), or None: one process
+        parallel = dist.parallel if dist is not None else SINGLE
+        self.parallel = parallel
         self.lora_manager = lora_manager  # None: LoRA off; else the model's projections get its deltas
         self.model_config = model_config
-        self.device = torch.device(config.device)
+        self.device = dist.device if dist is not None else torch.device(config.device)
         self.dtype = _DTYPES[config.dtype]
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         max_position = max(max_model_len, model_config.max_position_embeddings)
         if config.load_format == "dummy":
-            self.model = build_dummy_model(model_config, ops, self.dtype, self.device, max_position, config.seed)
+            self.model = build_dummy_model(model_config, ops, self.dtype, self.device, max_position, config.seed,
+                                           parallel=parallel)
         else:
-            self.model = load_model(path, model_config, ops, self.dtype, self.device, max_position,
+            self.model = load_model(path, model_config, ops, self.dtype, self.device, max_position, parallel,
                                     quantization=config.quantization)
+        self.start_layer, self.end_layer = parallel.layer_range(model_config.num_layers)
+        self.num_layers = self.end_layer - self.start_layer  # this stage's, in the KV pool
+        self.num_kv_heads = kv_heads_per_rank(model_config.num_kv_heads, parallel.tp_size)  # this shard's
         if lora_manager is not None:
             wrap_model(self.model, lora_manager)
         self.num_kv_blocks = config.num_kv_blocks or self._blocks_from_memory()
+        if dist is not None:  # every rank's pool has the same blocks: the fewest any rank can hold
+            self.num_kv_blocks = dist.min_over_ranks(self.num_kv_blocks)
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         mc = model_config
-        shape = (mc.num_layers, 2, self.num_kv_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        shape = (self.num_layers, 2, self.num_kv_blocks, self.block_size, self.num_kv_heads, mc.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_kv_blocks, self.block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
@@ -91,14 +132,14 @@ class ModelRunner:
     def uses_cuda_graphs(self, ops: ModuleType) -> bool:
         """Decode steps replay CUDA graphs on cuda with the Triton kernels, unless ``enforce_eager``
         or LoRA is on (the torch kernels read device data on the host; LoRA metadata varies)."""
-        return (self.device.type == "cuda" and ops.__name__.endswith("triton_ops")
+        return (self.device.type == "cuda" and ops.__name__.endswith("triton_ops") and self.dist is None
                 and not self.config.enforce_eager and self.lora_manager is None)
 
     # ------------------------------------------------------------------ sizing
     def bytes_per_block(self) -> int:
         mc = self.model_config
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return mc.num_layers * 2 * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * mc.head_dim * elem
 
     def _blocks_from_memory(self) -> int:
         per_block = self.bytes_per_block()
@@ -123,7 +164,7 @@ class ModelRunner:
         n = min(self.config.max_num_batched_tokens, self.max_model_len)
         mc = self.model_config
         nb = -(-n // self.block_size)
-        kv = torch.zeros((mc.num_layers, 2, nb, self.block_size, mc.num_kv_heads, mc.head_dim),
+        kv = torch.zeros((self.num_layers, 2, nb, self.block_size, self.num_kv_heads, mc.head_dim),
                          dtype=self.dtype, device=self.device)
         md = AttentionMetadata(
             slot_mapping=torch.arange(n, device=self.device),
@@ -132,14 +173,20 @@ class ModelRunner:
             block_tables=torch.arange(nb, dtype=torch.int32, device=self.device)[None, :],
             num_decode_seqs=0, max_query_len=n, max_seq_len=n,
         )
+        intermediate = None
+        if not self.parallel.is_first_stage:  # a stage's input stream, as the previous stage would send it
+            intermediate = {k: torch.zeros(n, mc.hidden_size, dtype=self.dtype, device=self.device)
+                            for k in self.model.intermediate_keys}
         with torch.inference_mode():
+            extra = () if intermediate is None else (intermediate,)
             hidden = self.model(torch.zeros(n, dtype=torch.int64, device=self.device),
-                                torch.arange(n, device=self.device), kv, md)
-            logits = self.model.compute_logits(hidden[: self.config.max_num_seqs])  # [rows, vocab]
-            logits.log_softmax(dim=-1)  # the sampler's largest temporary
+                                torch.arange(n, device=self.device), kv, md, *extra)
+            if self.parallel.is_last_stage:
+                logits = self.model.compute_logits(hidden[: self.config.max_num_seqs])  # [rows, vocab]
+                logits.log_softmax(dim=-1)  # the sampler's largest temporary
         torch.cuda.synchronize(self.device)
         profile_kv = kv.numel() * kv.element_size()
-        del kv, hidden, logits
+        del kv, hidden, intermediate
         free, total = torch.cuda.mem_get_info(self.device)
         profile = MemoryProfile(total=total, free=free, torch_reserved=torch.cuda.memory_reserved(self.device),
                                 torch_peak=torch.cuda.max_memory_allocated(self.device), profile_kv=profile_kv)
@@ -149,6 +196,9 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
     def prepare(self, so: SchedulerOutput) -> ModelInput:
+        return self.to_device(self.prepare_host(so))
+
+    def prepare_host(self, so: SchedulerOutput) -> HostInput:
         sched = so.scheduled
         bs = self.block_size
         q_lens = np.fromiter((s.num_new_tokens for s in sched), dtype=np.int64, count=len(sched))
@@ -180,49 +230,72 @@ class ModelRunner:
                 prompt_idx.append(np.arange(cu[i], cu[i] + count))
                 prompt_tgt.extend(req.prompt_token_ids[s.start + 1 : end + 1])
                 spans.append((i, s.start, count))
+        return HostInput(
+            input_ids=np.array(input_ids, dtype=np.int64), positions=positions, slot_mapping=slot_mapping,
+            query_start_loc=cu.astype(np.int32), seq_lens=seq_lens.astype(np.int32), block_tables=block_tables,
+            num_decode_seqs=so.num_decode_seqs, max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens.max()),
+            logits_indices=logits_indices,
+            prompt_logits_indices=np.concatenate(prompt_idx) if prompt_idx else None,
+            prompt_targets=np.array(prompt_tgt, dtype=np.int64) if prompt_idx else None,
+            prompt_spans=spans,
+            blocks_to_copy=tuple(so.blocks_to_copy),
+            lora_names=tuple(s.seq.request.lora_name for s in sched) if self.lora_manager is not None else None,
+            num_new_tokens=tuple(int(n) for n in q_lens),
+            pooling=any(s.seq.request.pooling is not None for s in sched),
+        )
 
+    def to_device(self, host: HostInput) -> ModelInput:
         dev = self.device
 
         def to_dev(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(dev, non_blocking=True)
 
         md = AttentionMetadata(
-            slot_mapping=to_dev(slot_mapping),
-            query_start_loc=to_dev(cu.astype(np.int32)),
-            seq_lens=to_dev(seq_lens.astype(np.int32)),
-            block_tables=to_dev(block_tables),
-            num_decode_seqs=so.num_decode_seqs,
-            max_query_len=int(q_lens.max()),
-            max_seq_len=int(seq_lens.max()),
+            slot_mapping=to_dev(host.slot_mapping),
+            query_start_loc=to_dev(host.query_start_loc),
+            seq_lens=to_dev(host.seq_lens),
+            block_tables=to_dev(host.block_tables),
+            num_decode_seqs=host.num_decode_seqs,
+            max_query_len=host.max_query_len,
+            max_seq_len=host.max_seq_len,
         )
         return ModelInput(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            positions=to_dev(positions),
+            input_ids=to_dev(host.input_ids),
+            positions=to_dev(host.positions),
             attn_metadata=md,
-            logits_indices=to_dev(logits_indices),
-            prompt_logits_indices=to_dev(np.concatenate(prompt_idx)) if prompt_idx else None,
-            prompt_targets=torch.tensor(prompt_tgt, dtype=torch.int64, device=dev) if prompt_idx else None,
-            prompt_spans=spans,
+            logits_indices=to_dev(host.logits_indices),
+            prompt_logits_indices=None if host.prompt_logits_indices is None else to_dev(host.prompt_logits_indices),
+            prompt_targets=None if host.prompt_targets is None else to_dev(host.prompt_targets),
+            prompt_spans=host.prompt_spans,
+            host=host,
         )
 
     @torch.inference_mode()
-    def execute(self, so: SchedulerOutput, inp: ModelInput) -> ModelOutput:
-        if so.blocks_to_copy:
-            src = torch.tensor([s for s, _ in so.blocks_to_copy], device=self.device)
-            dst = torch.tensor([d for _, d in so.blocks_to_copy], device=self.device)
+    def execute(self, so: SchedulerOutput | None, inp: ModelInput) -> ModelOutput | None:
+        """One forward (``so`` is unused: everything a rank needs is in ``inp``). None on a pipeline
+        stage other than the last (it sent its hidden states on)."""
+        host = inp.host
+        if host.blocks_to_copy:
+            src = torch.tensor([s for s, _ in host.blocks_to_copy], device=self.device)
+            dst = torch.tensor([d for _, d in host.blocks_to_copy], device=self.device)
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         if self.lora_manager is not None:  # every token's adapter slot, sequences back to back
-            self.lora_manager.set_batch([s.seq.request.lora_name for s in so.scheduled],
-                                        [s.num_new_tokens for s in so.scheduled])
+            self.lora_manager.set_batch(list(host.lora_names), list(host.num_new_tokens))
         md = inp.attn_metadata
-        pooling = any(s.seq.request.pooling is not None for s in so.scheduled)
         if (self.graphs is not None and md.num_decode_seqs == md.num_seqs and inp.prompt_logits_indices is None
-                and not pooling and self.graphs.can_run(md.num_seqs)):
+                and not host.pooling and self.graphs.can_run(md.num_seqs)):
             padded = self.graphs.run(inp.input_ids, inp.positions, md)  # [padded_size, vocab]
             return ModelOutput(logits=padded.index_select(0, inp.logits_indices), prompt_logits=None)
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, md)  # [num_tokens, hidden]
+        extra = ()
+        if not self.parallel.is_first_stage:  # the previous stage's stream
+            extra = (self.dist.recv_intermediate(inp.input_ids.shape[0], self.model_config.hidden_size, self.dtype,
+                                                 self.model.intermediate_keys),)
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, md, *extra)  # [num_tokens, hidden]
+        if not self.parallel.is_last_stage:
+            self.dist.send_intermediate(hidden, self.model.intermediate_keys)
+            return None
         logits = self.model.compute_logits(hidden[inp.logits_indices])  # [num_sample_rows, vocab]
         prompt_logits = None
         if inp.prompt_logits_indices is not None:
             prompt_logits = self.model.compute_logits(hidden[inp.prompt_logits_indices])
-        return ModelOutput(logits=logits, prompt_logits=prompt_logits, hidden=hidden if pooling else None)
+        return ModelOutput(logits=logits, prompt_logits=prompt_logits, hidden=hidden if host.pooling else None)

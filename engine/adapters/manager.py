@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 import torch
 
 from pageant.engine.adapters.peft_loader import LoRAAdapter, LoRAAdapterError, LoRANotFoundError, load_peft_adapter
+from pageant.engine.adapters.sharding import GroupShard
 from pageant.engine.adapters.spec import LoRAModelSpec
 from pageant.kernels.lora_reference import LoRAKernelMeta
 
@@ -90,7 +91,11 @@ class LoRAManager:
         self._running: collections.Counter[str] = collections.Counter()
         self._batch: LoRABatch | None = None
         self.num_swaps_in = 0  # adapters copied into a device slot (for stats and tests)
-        r = max_lora_rank
+        self.shards: dict[str, GroupShard] = {}  # tensor parallelism: this rank's share per group
+        self._allocate()
+
+    def _allocate(self) -> None:
+        spec, r, max_loras, dtype = self.spec, self.max_lora_rank, self.max_loras, self.dtype
         # lora_a[group]: [num_layers, max_loras, num_slices * r, in_features] (slice i at rows i*r..)
         # lora_b[group][i]: [num_layers, max_loras, out_features_i, r]
         self.lora_a: dict[str, torch.Tensor] = {}
@@ -99,13 +104,25 @@ class LoRAManager:
             ins = {spec.shape(p)[0] for p in projs}
             if len(ins) != 1:
                 raise ValueError(f"projections {projs} of group {group} differ in in_features")
+            shard = self.shards.get(group)
+            in_features = ins.pop() if shard is None or shard.cols is None else len(shard.cols)
             self.lora_a[group] = torch.zeros(
-                spec.num_layers, max_loras, len(projs) * r, ins.pop(), device=self.device, dtype=dtype
+                spec.num_layers, max_loras, len(projs) * r, in_features, device=self.device, dtype=dtype
             )
             self.lora_b[group] = [
-                torch.zeros(spec.num_layers, max_loras, spec.shape(p)[1], r, device=self.device, dtype=dtype)
-                for p in projs
+                torch.zeros(spec.num_layers, max_loras,
+                            spec.shape(p)[1] if shard is None or shard.rows[i] is None else len(shard.rows[i]), r,
+                            device=self.device, dtype=dtype)
+                for i, p in enumerate(projs)
             ]
+
+    def set_sharding(self, shards: dict[str, GroupShard]) -> None:
+        """Hold only this tensor-parallel rank's share of every group (see ``sharding.py``); call
+        before any adapter is in a slot (``wrap_model`` does)."""
+        if any(self._slot_names):
+            raise RuntimeError("set_sharding must come before adapters are placed in device slots")
+        self.shards = dict(shards)
+        self._allocate()
 
     # ---- registry -------------------------------------------------------------------------
     def add_lora(self, name: str, int_id: int, path: str) -> bool:
@@ -291,6 +308,12 @@ class LoRAManager:
                     if w is None:
                         continue
                     lora_a, lora_b = w  # [rank, in], [out, rank]
+                    shard = self.shards.get(group)
+                    if shard is not None:  # this rank's columns of A / rows of B
+                        if shard.cols is not None:
+                            lora_a = lora_a[:, shard.cols]
+                        if shard.rows[i] is not None:
+                            lora_b = lora_b[shard.rows[i]]
                     rank = lora_a.shape[0]
                     a[layer, slot, i * r : i * r + rank].copy_(lora_a)
                     b[layer, slot, :, :rank].copy_(lora_b)

@@ -20,7 +20,7 @@ from pageant.engine.layers.activation import ActAndMul
 from pageant.engine.layers.attention import Attention
 from pageant.engine.layers.layernorm import RMSNorm
 from pageant.engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from pageant.engine.layers.parallel import SINGLE, ParallelState
+from pageant.engine.layers.parallel import SINGLE, ParallelState, PPMissingLayer
 from pageant.engine.layers.rotary import RotaryEmbedding
 from pageant.engine.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 from pageant.engine.models.base import CausalLM
@@ -119,26 +119,41 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """Embedding, the decoder layers, final norm; under pipeline parallelism only this stage's share
+    (the others are ``PPMissingLayer``) and ``forward`` takes/returns the stream between stages."""
+
     def __init__(self, cfg: ModelConfig, ops: ModuleType, max_position: int, parallel: ParallelState,
                  make_mlp: Callable[[], nn.Module]):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel=parallel)
+        self.parallel = parallel
+        self.start_layer, self.end_layer = parallel.layer_range(cfg.num_layers)
+        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel=parallel)
+                             if parallel.is_first_stage else PPMissingLayer())
         rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_dim or cfg.head_dim, max_position, cfg.rope, ops,
                                  max_position_embeddings=cfg.max_position_embeddings)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, ops, rotary, parallel, make_mlp())
-                                    for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, i, ops, rotary, parallel, make_mlp()) if self.start_layer <= i < self.end_layer
+            else PPMissingLayer() for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops) if parallel.is_last_stage else PPMissingLayer()
 
-    def forward(self, input_ids, positions, kv_cache, md) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden]
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(positions, x, residual, kv_cache[i], md)
+    def forward(self, input_ids, positions, kv_cache, md, intermediate: dict | None = None):
+        """``kv_cache[j]`` is this stage's layer ``start_layer + j``. Returns the final hidden states
+        ``[num_tokens, hidden]`` on the last stage, else ``{"hidden", "residual"}`` for the next."""
+        if self.parallel.is_first_stage:
+            x, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden]
+        else:
+            x, residual = intermediate["hidden"], intermediate["residual"]
+        for i in range(self.start_layer, self.end_layer):
+            x, residual = self.layers[i](positions, x, residual, kv_cache[i - self.start_layer], md)
+        if not self.parallel.is_last_stage:
+            return {"hidden": x, "residual": residual}
         return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(CausalLM):
     """Checkpoint names ``model.layers.N...`` and ``lm_head``, projections merged on load."""
 
+    supports_pp = True
     stacked = (
         ("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
         ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
@@ -147,7 +162,8 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig, ops: ModuleType, max_position: int, parallel: ParallelState = SINGLE):
         super().__init__(config, ops, max_position, parallel)
         self.model = LlamaModel(config, ops, max_position, parallel, self.make_mlp)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, parallel=parallel)
+        self.lm_head = (ParallelLMHead(config.vocab_size, config.hidden_size, parallel=parallel)
+                        if parallel.is_last_stage else PPMissingLayer())
         self.tie_weights()
 
     def make_mlp(self) -> nn.Module:
@@ -157,8 +173,8 @@ class LlamaForCausalLM(CausalLM):
     def forward(self, input_ids: torch.Tensor,  # [num_tokens] int64
                 positions: torch.Tensor,  # [num_tokens] int64
                 kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
-                md: AttentionMetadata) -> torch.Tensor:  # [num_tokens, hidden]
-        return self.model(input_ids, positions, kv_cache, md)
+                md: AttentionMetadata, intermediate: dict | None = None) -> torch.Tensor:  # [num_tokens, hidden]
+        return self.model(input_ids, positions, kv_cache, md, intermediate)
 
     @staticmethod
     def lora_spec(cfg: ModelConfig) -> LoRAModelSpec:

@@ -14,6 +14,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from pageant.engine.layers.parallel import PPMissingLayer
+
 Stacked = tuple[tuple[str, str, object], ...]
 SKIP = object()  # a rename hook returns it for checkpoint tensors the model does not use
 
@@ -37,6 +39,8 @@ def load_stacked(
     """
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
+    # layers another pipeline stage holds: their tensors are not this rank's to load
+    elsewhere = tuple(f"{n}." for n, m in modules.items() if isinstance(m, PPMissingLayer))
     loaded: set[str] = set()
     for name, tensor in weights:
         if "rotary_emb.inv_freq" in name or name.endswith((".masked_bias", ".attn.bias")):
@@ -56,6 +60,8 @@ def load_stacked(
                     target, shard = name.replace(f".{theirs}.", f".{ours}."), shard_id
                     break
         param = params.get(target)
+        if param is None and elsewhere and target.startswith(elsewhere):
+            continue
         if param is None:
             raise ValueError(f"unexpected weight {name!r} (no parameter {target!r} in the model)")
         owner = modules[target.rpartition(".")[0]]
