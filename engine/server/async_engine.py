@@ -209,8 +209,16 @@ class AsyncEngine:
     def stats(self) -> dict:
         return self._stats
 
+    @property
+    def fatal_error(self) -> str | None:
+        """Why the engine can never step again (a tensor/pipeline-parallel rank is gone), else None:
+        the server then exits non-zero so that its pod is restarted."""
+        return getattr(self.engine, "fatal_error", None)
+
     def health(self) -> tuple[bool, str]:
         """(healthy, why not): the loop thread is alive, beating, and no model step has failed."""
+        if self.fatal_error is not None:
+            return False, f"engine failed: {self.fatal_error}"
         if self.dead_reason is not None:
             return False, f"engine loop died: {self.dead_reason}"
         if self._thread is None or not self._thread.is_alive():
@@ -249,8 +257,8 @@ class AsyncEngine:
     async def add(self, request_id: str, prompt: Any, params: SamplingParams, *, priority: int = 0,
                   **engine_kwargs) -> _Stream:
         """Admit a request; raises ``InvalidRequestError`` (the engine refused it) or ``EngineDeadError``."""
-        if self.dead_reason is not None or self._thread is None or self._stop.is_set():
-            raise EngineDeadError(self.dead_reason or "engine loop is not running")
+        if self.dead_reason is not None or self._thread is None or self._stop.is_set() or self.fatal_error:
+            raise EngineDeadError(self.dead_reason or self.fatal_error or "engine loop is not running")
         stream = _Stream(asyncio.get_running_loop())
         cmd = _Add(request_id, prompt, params, priority, time.time(), stream, engine_kwargs)
         self._commands.put(cmd)

@@ -18,6 +18,7 @@ import pathlib
 import signal
 import socket
 import sys
+import time
 
 from pageant.engine.server.cli_args import StartupError, build_parser, engine_kwargs  # noqa: F401 (re-exported)
 
@@ -174,10 +175,7 @@ def api_url(host: str, port: int) -> str:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.tensor_parallel_size != 1:
-        raise StartupError(f"--tensor-parallel-size {args.tensor_parallel_size}: only 1 is supported "
-                           "(serve larger models with one GPU per replica)")
-    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "max_model_len",
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "nnodes", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks", "max_model_len",
                  "max_loras", "max_lora_rank", "max_n"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -241,6 +239,17 @@ def _build_engine(model_dir: str, kwargs: dict):
     return LLMEngine.from_kwargs(model=model_dir, **kwargs)
 
 
+def _run_headless(model_dir: str, kwargs: dict) -> int:
+    from pageant.engine import EngineConfig
+    from pageant.engine.distributed.headless import run_headless
+
+    try:
+        return run_headless(EngineConfig(model=model_dir, **kwargs))
+    except ValueError as exc:
+        print(f"pageant serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -248,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     sock: socket.socket | None = None
     try:
         try:
-            sock = reserve_port(args.host, args.port)  # first: a busy port must not wait for the model load
+            if not args.headless:  # first: a busy port must not wait for the model load
+                sock = reserve_port(args.host, args.port)
             _check_args(args)
             model = model_argument(args)
             chat_template = load_chat_template(args.chat_template)
@@ -267,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         except (StartupError, ValueError, FileNotFoundError, OverflowError) as exc:
             print(f"pageant serve: error: {exc}", file=sys.stderr)
             return 2
+        if args.headless:
+            return _run_headless(model_dir, kwargs)
         if sampling_defaults:
             logger.info("default sampling parameters from the generation config: %s (--generation-config vllm "
                         "ignores them)", sampling_defaults)
@@ -296,8 +308,11 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("--enable-lora: this engine cannot load adapters; serving the base model only")
         logger.info("serving model %s at %s (API key %s)", ", ".join(repr(n) for n in names),
                     api_url(args.host, args.port), "required" if api_keys else "not required")
-        return serve_app(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                         shutdown_timeout=args.shutdown_timeout, sock=sock)
+        try:
+            return serve_app(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                             shutdown_timeout=args.shutdown_timeout, sock=sock)
+        finally:
+            engine.shutdown()  # the worker processes of a tensor/pipeline-parallel engine
     finally:
         if sock is not None:
             sock.close()
@@ -315,6 +330,21 @@ def serve_app(app, *, host: str, port: int, log_level: str, shutdown_timeout: fl
 
         draining = False
         loop: asyncio.AbstractEventLoop | None = None
+        fatal_since: float | None = None  # when the engine failed for good (a parallel rank is gone)
+
+        async def on_tick(self, counter: int) -> bool:
+            should_exit = await super().on_tick(counter)
+            fatal = app.state.async_engine.fatal_error
+            if fatal is not None:
+                now = time.monotonic()
+                if self.fatal_since is None:
+                    self.fatal_since = now
+                    logger.error("the engine failed (%s): failing requests in flight, then exiting", fatal)
+                # the engine thread fails the requests in flight first (error events); then exit 1
+                if app.state.async_engine.num_inflight == 0 or now - self.fatal_since > 5.0:
+                    self.should_exit = True
+                    return True
+            return should_exit
 
         async def startup(self, sockets=None):
             self.loop = asyncio.get_running_loop()
@@ -348,4 +378,4 @@ def serve_app(app, *, host: str, port: int, log_level: str, shutdown_timeout: fl
                             h11_max_incomplete_event_size=getattr(limits, "max_header_bytes", DEFAULT_MAX_HEADER_BYTES))
     server = DrainingServer(config)
     server.run(sockets=None if sock is None else [sock])
-    return 0 if server.started else 1
+    return 0 if server.started and server.fatal_since is None else 1

@@ -86,13 +86,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="fraction of GPU memory for weights, activations and the KV pool (None: the "
                         "engine's default, 0.9)")
+    e.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3"], default=None,
+                   help="KV-cache element type: auto (the model dtype) or fp8 / fp8_e4m3 (float8 e4m3 with the "
+                        "checkpoint's per-layer k/v scales, else 1.0: twice the bf16 blocks in the same memory) "
+                        "(None: auto)")
     e.add_argument("--attention-backend", choices=["torch", "triton"], default=None,
                    help="attention kernels (None: triton on GPU, torch on CPU)")
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV cache of prompt prefixes shared with earlier requests (None: off)")
     e.add_argument("--enforce-eager", action="store_true", default=None,
                    help="never capture CUDA graphs: decode runs eagerly, as prefill always does (None: off)")
-    e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="only 1 is supported")
+    d = ap.add_argument_group("parallelism (one worker process per rank; gloo on CPU, NCCL on GPU)")
+    d.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split every layer over this many ranks (GPUs) (default 1)")
+    d.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the layers into this many stages, each on tensor-parallel-size ranks (default 1)")
+    d.add_argument("--nnodes", type=int, default=None, help="nodes the ranks are spread over (None: 1)")
+    d.add_argument("--node-rank", type=int, default=None,
+                   help="this node's index; node 0 serves HTTP, the others run with --headless (None: 0)")
+    d.add_argument("--master-addr", default=None,
+                   help="node 0's address for the rendezvous (None: $MASTER_ADDR, else 127.0.0.1 on one node)")
+    d.add_argument("--master-port", type=int, default=None,
+                   help="the rendezvous port on node 0 (None: $MASTER_PORT, else a free port on one node)")
+    d.add_argument("--headless", action="store_true",
+                   help="run only this node's ranks (no HTTP server); exits non-zero when the group fails")
+    d.add_argument("--distributed-timeout-seconds", type=float, default=None,
+                   help="a collective waiting longer than this fails the engine (a hung rank) (None: 120)")
     e.add_argument("--load-format", choices=["auto", "dummy"], default=None,
                    help="auto: the checkpoint's safetensors; dummy: random weights made on the device from "
                         "config.json (benchmarks of large shapes) (None: auto)")
@@ -178,8 +197,10 @@ def engine_kwargs(args: argparse.Namespace, model_dir: str | None = None) -> dic
     With ``--no-enable-chunked-prefill`` the step token budget is raised to at least the context
     length (``--max-model-len``, else the checkpoint's in ``model_dir``), so no prompt is ever split."""
     keys = ["tokenizer", "dtype", "device", "seed", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-            "block_size", "num_kv_blocks", "kv_cache_memory_gib", "gpu_memory_utilization", "attention_backend",
-            "enable_prefix_caching", "enforce_eager", "quantization", "load_format"]
+            "block_size", "num_kv_blocks", "kv_cache_memory_gib", "gpu_memory_utilization", "kv_cache_dtype", "attention_backend",
+            "enable_prefix_caching", "enforce_eager", "quantization", "load_format", "tensor_parallel_size",
+            "pipeline_parallel_size", "nnodes", "node_rank", "master_addr", "master_port",
+            "distributed_timeout_seconds"]
     kwargs = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     runner = args.runner or {"embed": "pooling", "generate": "generate", None: None}[args.task]
     if args.runner and args.task and runner != {"embed": "pooling", "generate": "generate"}[args.task]:
