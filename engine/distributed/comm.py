@@ -2,10 +2,13 @@
 
 Every rank joins one ``torch.distributed`` world (NCCL on CUDA, gloo on the CPU) through a TCP
 rendezvous at ``master_addr:master_port``; then, in the same order on every rank, one tensor-parallel
-group per pipeline stage (that backend) and one gloo group over all ranks for the driver's step
-messages. The world and tensor groups time out after ``distributed_timeout_seconds`` (a hung rank
-fails the engine); the message group waits without limit (an idle engine sends nothing), and a
-peer that dies closes its sockets, which fails any wait on it at once.
+group per pipeline stage (that backend), one gloo group over all ranks for the driver's step
+messages and one for the start-up agreement (the KV pool size, after every rank loaded its
+weights, however long that takes). The world and tensor groups time out after
+``distributed_timeout_seconds`` (a hung rank fails the engine). So does a broadcast on the message
+group *on the driver* (gloo's send waits for the receiver), while workers wait on it without limit
+(an idle engine sends nothing). A peer that dies closes its sockets, which fails any wait on it at
+once.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class DistContext:
     info: RankInfo
     parallel: ParallelState  # this rank's tensor shard and stage, with the stage's tensor group
     message_group: Any  # gloo, every rank: the driver's broadcasts
+    startup_group: Any  # gloo, every rank, no time limit: agreements while the ranks load
     device: torch.device
 
     # ------------------------------------------------------------ driver -> every rank
@@ -53,7 +57,7 @@ class DistContext:
     def min_over_ranks(self, value: int) -> int:
         """The smallest ``value`` any rank has (the KV pool size every rank can hold)."""
         t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.message_group)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.startup_group)
         return int(t.item())
 
     # ------------------------------------------------------------ stage -> next stage
@@ -93,9 +97,12 @@ def init_distributed(info: RankInfo, master_addr: str, master_port: int, device:
         group = dist.new_group(info.stage_ranks(pp_rank), backend=backend, timeout=timeout)
         if pp_rank == info.pp_rank:
             tp_group = group
-    message_group = dist.new_group(list(range(info.world_size)), backend="gloo", timeout=_NO_TIMEOUT)
+    everyone = list(range(info.world_size))
+    message_group = dist.new_group(everyone, backend="gloo", timeout=timeout if info.rank == 0 else _NO_TIMEOUT)
+    startup_group = dist.new_group(everyone, backend="gloo", timeout=_NO_TIMEOUT)
     parallel = ParallelState(tp_rank=info.tp_rank, tp_size=info.tp_size, group=tp_group if info.tp_size > 1 else None,
                              pp_rank=info.pp_rank, pp_size=info.pp_size)
     logger.info("rank %d of %d: tensor shard %d/%d, pipeline stage %d/%d on %s (%s)", info.rank, info.world_size,
                 info.tp_rank, info.tp_size, info.pp_rank, info.pp_size, device, backend)
-    return DistContext(info=info, parallel=parallel, message_group=message_group, device=device)
+    return DistContext(info=info, parallel=parallel, message_group=message_group, startup_group=startup_group,
+                       device=device)

@@ -95,8 +95,7 @@ class DistributedRunner:
             raise ValueError("the engine (HTTP server) runs on node 0; start other nodes with --headless")
         check_devices(config, per_node)
         addr, port = rendezvous(config, required=config.nnodes > 1)
-        self.failure: str | None = None
-        self._closed = False
+        self._state = _State()
         self._lock = threading.Lock()
         info0 = RankInfo(0, world, config.tensor_parallel_size, config.pipeline_parallel_size, config.nnodes)
         threads = None if config.device.startswith("cuda") else max(1, (os.cpu_count() or 1) // per_node)
@@ -118,8 +117,20 @@ class DistributedRunner:
         except BaseException:
             self.shutdown()
             raise
-        self._watcher = threading.Thread(target=self._watch, name="pageant-rank-watch", daemon=True)
-        self._watcher.start()
+        # the watcher holds the processes and the shared state, not this runner (which stays collectable)
+        threading.Thread(target=_watch, args=(self.procs, self._state), name="pageant-rank-watch", daemon=True).start()
+
+    @property
+    def failure(self) -> str | None:
+        return self._state.failure
+
+    @failure.setter
+    def failure(self, reason: str | None) -> None:
+        self._state.failure = reason
+
+    @property
+    def _closed(self) -> bool:
+        return self._state.closed
 
     # ------------------------------------------------------------ what the engine calls
     def __getattr__(self, name):  # num_kv_blocks, device, model, kv_cache, ...: rank 0's
@@ -137,7 +148,8 @@ class DistributedRunner:
                 self.dist.broadcast(StepMessage(inp.host))
             return self.local.execute(so, inp)
         except Exception as exc:
-            reason = self.failure or f"the distributed step failed: {exc!r}"
+            # a collective fails the moment a peer's sockets close: name the rank that exited
+            reason = _exited(self.procs, wait=1.0) or self.failure or f"the distributed step failed: {exc!r}"
             self.failure = reason
             raise WorkerFailedError(reason) from exc
 
@@ -149,9 +161,9 @@ class DistributedRunner:
 
     def shutdown(self) -> None:
         """Stop every worker (a clean shutdown message first, if they can still hear it)."""
-        if self._closed:
+        if self._state.closed:
             return
-        self._closed = True
+        self._state.closed = True
         self._finalizer.detach()
         _shutdown(self.procs, getattr(self, "dist", None), [self.failure is not None])
 
@@ -162,15 +174,37 @@ class DistributedRunner:
         if self._closed:
             raise WorkerFailedError("the engine was shut down")
 
-    def _watch(self) -> None:
-        live = list(self.procs)
-        while live and not self._closed:
-            for p in [p for p in live if p.poll() is not None]:
-                live.remove(p)
-                if not self._closed and self.failure is None:
-                    self.failure = f"worker {p.name} (pid {p.pid}) exited with code {p.returncode}"
-                    logger.error("%s: the engine cannot continue", self.failure)
-            time.sleep(0.2)
+
+class _State:
+    """What the runner and its watcher thread share."""
+
+    def __init__(self):
+        self.failure: str | None = None
+        self.closed = False
+
+
+def _exited(procs, wait: float = 0.0) -> str | None:
+    """Which worker has exited (waiting up to ``wait`` seconds for one to), else None."""
+    deadline = time.monotonic() + wait
+    while True:
+        for p in procs:
+            if p.poll() is not None:
+                return f"worker {p.name} (pid {p.pid}) exited with code {p.returncode}"
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _watch(procs, state: _State) -> None:
+    """Record the first worker that exits while the runner is open."""
+    while not state.closed:
+        reason = _exited(procs)
+        if reason is not None:
+            if not state.closed and (state.failure is None or "exited with code" not in state.failure):
+                state.failure = reason
+                logger.error("%s: the engine cannot continue", reason)
+            return
+        time.sleep(0.2)
 
 
 def _shutdown(procs, dist, failed: list[bool]) -> None:
