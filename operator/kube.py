@@ -53,6 +53,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "InterceptorRoute": ("http.keda.sh/v1beta1", "interceptorroutes", True),
     "InferencePool": ("inference.networking.k8s.io/v1", "inferencepools", True),
     "HTTPRoute": ("gateway.networking.k8s.io/v1", "httproutes", True),
+    "LeaderWorkerSet": ("leaderworkerset.x-k8s.io/v1", "leaderworkersets", True),
     "ServiceAccount": ("v1", "serviceaccounts", True),
     "Role": ("rbac.authorization.k8s.io/v1", "roles", True),
     "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings", True),

@@ -28,6 +28,8 @@ RULES: list[dict[str, Any]] = [
     # Children kept true and pruned when the spec no longer wants them (the endpoint picker's
     # Deployment and Service, the wake-up Service, its ServiceAccount and RBAC).
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": _PRUNED},
+    # The engine's workload when spec.engine.nodes > 1 (the Deployment's otherwise); pruned on a switch.
+    {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"], "verbs": _PRUNED},
     {"apiGroups": [""], "resources": ["services", "serviceaccounts"], "verbs": _PRUNED},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": _PRUNED},
     # Children created once (immutable specs).

@@ -46,6 +46,34 @@ def is_subset(want: Any, have: Any) -> bool:
     return want == have
 
 
+def removals(want: dict[str, Any], have: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
+    """A merge patch (RFC 7386: null deletes) that drops, at each owned map's path, the keys the live
+    object has and the manifest does not (e.g. a Service selector's leader label when engine.nodes
+    goes back to 1). Empty when nothing is to go."""
+    def at(obj: Any, path: tuple[str, ...]) -> Any:
+        for key in path:
+            obj = obj.get(key) if isinstance(obj, dict) else None
+        return obj
+
+    out: dict[str, Any] = {}
+    for path in paths:
+        w, h = at(want, path), at(have, path)
+        extra = [k for k in h if k not in w] if isinstance(w, dict) and isinstance(h, dict) else []
+        if extra:
+            node = out
+            for key in path:
+                node = node.setdefault(key, {})
+            node.update(dict.fromkeys(extra))
+    return out
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _controller_uid(obj: dict[str, Any]) -> str | None:
     for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
         if ref.get("controller"):
@@ -70,9 +98,10 @@ async def apply(client: kube.KubeClient, child: render.Child, owner_uid: str | N
     other = _controller_uid(live)
     if other is not None and owner_uid is not None and other != owner_uid:
         raise OwnedByOther(f"{kind} {name} exists and is controlled by another owner ({other})")
-    if child.create_only or is_subset(m, live):
+    drop = removals(m, live, child.owned_maps)
+    if child.create_only or is_subset(m, live) and not drop:
         return "unchanged", live
-    patched = await client.patch(kind, ns, name, m)
+    patched = await client.patch(kind, ns, name, _merge(m, drop) if drop else m)
     if patched is None:  # deleted between read and patch
         return "created", await client.create(m)
     return action, patched
@@ -83,7 +112,8 @@ async def prune(client: kube.KubeClient, spec: InferenceServiceSpec, wanted: set
     deleted = []
     labels = {common.INSTANCE_LABEL: spec.name, "app.kubernetes.io/managed-by": common.MANAGED_BY}
     for kind in render.PRUNABLE_KINDS:
-        if kind in ("ScaledObject", "ServiceMonitor", "PodMonitor") and not await client.api_available(kind):
+        optional = kind in ("ScaledObject", "ServiceMonitor", "PodMonitor", "LeaderWorkerSet")
+        if optional and not await client.api_available(kind):
             continue
         for obj in await client.list(kind, spec.namespace, labels):
             name = obj["metadata"]["name"]
@@ -91,6 +121,21 @@ async def prune(client: kube.KubeClient, spec: InferenceServiceSpec, wanted: set
                 if await client.delete(kind, spec.namespace, name):
                     deleted.append(f"{kind}/{name}")
     return deleted
+
+
+async def retire_deployment(client: kube.KubeClient, spec: InferenceServiceSpec, lws: dict[str, Any] | None,
+                            wanted: set[tuple[str, str]]) -> str | None:
+    """With engine.nodes > 1, the engine's Deployment (of a former single-node spec) goes once the
+    LeaderWorkerSet exists, on any pass: LWS may be installed after the switch, and resyncs do not
+    prune. Until then it keeps serving (it is not pruned). Returns what it deleted."""
+    name = common.names(spec)["deployment"]
+    wanted.add(("Deployment", name))  # never by prune(): here, and only after its successor exists
+    if lws is None or spec.uid is None:
+        return None
+    dep = await client.get("Deployment", spec.namespace, name)
+    if dep is not None and _controller_uid(dep) == spec.uid and await client.delete("Deployment", spec.namespace, name):
+        return f"Deployment/{name}"
+    return None
 
 
 async def reconcile(rt: Runtime, spec: InferenceServiceSpec, old_status: dict[str, Any] | None,
@@ -115,21 +160,25 @@ async def reconcile(rt: Runtime, spec: InferenceServiceSpec, old_status: dict[st
             rt.logger.info("%s %s/%s: %s", child.kind, spec.namespace, child.name, action)
         if child.kind == "Deployment" and child.name == common.names(spec)["deployment"]:
             seen.deployment = live
-        elif child.kind in ("Job", "InferencePool", "HTTPRoute"):
-            setattr(seen, {"Job": "job", "InferencePool": "pool", "HTTPRoute": "route"}[child.kind], live)
+        elif child.kind in ("Job", "InferencePool", "HTTPRoute", "LeaderWorkerSet"):
+            setattr(seen, {"Job": "job", "InferencePool": "pool", "HTTPRoute": "route",
+                           "LeaderWorkerSet": "lws"}[child.kind], live)
     if spec.wakes_from_zero and not wake_available:
         sfz = spec.autoscaling.scale_from_zero if spec.autoscaling else None
         seen.problems.append(("ScaleFromZeroUnavailable", "minReplicas 0 needs the KEDA HTTP add-on to wake the "
                               f"service (InterceptorRoute, http.keda.sh/v1beta1, not served; its interceptor "
                               f"{sfz and sfz.interceptor_namespace}/{sfz and sfz.interceptor_service}): kept at "
                               "1 replica until it is installed"))
+    if spec.parallel.multinode and (gone := await retire_deployment(rt.kube, spec, seen.lws, wanted)):
+        rt.logger.info("deleted %s (replaced by the LeaderWorkerSet)", gone)
     if do_prune:
         for gone in await prune(rt.kube, spec, wanted):
             rt.logger.info("pruned %s (no longer in the spec)", gone)
     pods = await rt.kube.list("Pod", spec.namespace, common.selector_labels(spec))
     seen.pods = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]  # not terminating
-    if spec.lora_enabled:
-        result = await adapters.sync(rt.pods, rt.adapter_backoff, spec, seen.pods)
+    if spec.lora_enabled:  # through the pods that serve the API (with engine.nodes > 1 the leaders)
+        serving = [p for p in seen.pods if common.serves_api(spec, p)]
+        result = await adapters.sync(rt.pods, rt.adapter_backoff, spec, serving)
         seen.adapter_counts, seen.adapter_errors, seen.adapter_failed = result.counts, result.errors, result.failed
     return status.compute(spec, seen, old_status)
 

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from pageant.operator import spec as spec_mod
-from pageant.operator.builders import autoscale, monitoring, network, routing, storage, wake, workload
+from pageant.operator.builders import autoscale, monitoring, multinode, network, routing, storage, wake, workload
 from pageant.operator.spec import InferenceServiceSpec
 
 
@@ -22,6 +22,9 @@ class Child:
     manifest: dict[str, Any]
     create_only: bool = False
     optional_api: str | None = None
+    # Maps (paths into the manifest) the operator owns whole: keys the live object has there and the
+    # manifest does not are removed (a merge patch alone only adds and changes keys).
+    owned_maps: tuple[tuple[str, ...], ...] = ()
 
     @property
     def kind(self) -> str:
@@ -35,7 +38,8 @@ class Child:
 # Every kind the operator may create, for pruning what the spec no longer wants:
 # kind -> apiVersion. (Job/PVC are never pruned: a cache is kept while the service exists.)
 PRUNABLE_KINDS = {
-    "Deployment": "apps/v1",  # the endpoint picker's (the engine's is always wanted)
+    "Deployment": "apps/v1",  # the endpoint picker's, and the engine's when engine.nodes > 1
+    "LeaderWorkerSet": multinode.API_VERSION,  # the engine's when engine.nodes > 1
     "Service": "v1",
     "ServiceAccount": "v1",
     "Role": "rbac.authorization.k8s.io/v1",
@@ -52,7 +56,9 @@ PRUNABLE_KINDS = {
     "ConfigMap": "v1",
 }
 # Kinds whose CRDs may not be installed: skipped (and reported) rather than failing.
-OPTIONAL_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor", "InterceptorRoute", "InferencePool", "HTTPRoute"}
+OPTIONAL_KINDS = {"ScaledObject", "ServiceMonitor", "PodMonitor", "InterceptorRoute", "InferencePool", "HTTPRoute",
+                  "LeaderWorkerSet"}
+SELECTOR = ("spec", "selector")  # a Service's selector: leaders only with engine.nodes > 1, every pod without
 
 
 def children(spec: InferenceServiceSpec, wake_available: bool = True) -> list[Child]:
@@ -65,7 +71,11 @@ def children(spec: InferenceServiceSpec, wake_available: bool = True) -> list[Ch
         out += [Child(storage.cache_pvc(spec), create_only=True), Child(storage.download_job(spec), create_only=True)]
     if spec.lora_enabled:
         out.append(Child(storage.adapters_config_map(spec)))
-    out += [Child(workload.deployment(spec)), Child(network.service(spec))]
+    if spec.parallel.multinode:  # switching nodes prunes the other kind (the old one is not wanted)
+        out.append(Child(multinode.leader_worker_set(spec), optional_api=multinode.API_VERSION))
+    else:
+        out.append(Child(workload.deployment(spec)))
+    out.append(Child(network.service(spec), owned_maps=(SELECTOR,)))
     if spec.network_policy:
         out.append(Child(network.network_policy(spec)))
     if network.wants_pdb(spec):
@@ -79,10 +89,13 @@ def children(spec: InferenceServiceSpec, wake_available: bool = True) -> list[Ch
         else:
             out.append(Child(autoscale.horizontal_pod_autoscaler(spec)))
     if spec.monitoring is not None:
-        out.append(Child(monitoring.monitor(spec), optional_api="monitoring.coreos.com/v1"))
+        out.append(Child(monitoring.monitor(spec), optional_api="monitoring.coreos.com/v1",
+                         owned_maps=(SELECTOR + ("matchLabels",),)))
     if spec.routing is not None:
         optional = {"InferencePool": routing.POOL_API, "HTTPRoute": routing.ROUTE_API}
-        out += [Child(m, optional_api=optional.get(m["kind"])) for m in routing.children(spec)]
+        out += [Child(m, optional_api=optional.get(m["kind"]),
+                      owned_maps=(SELECTOR + ("matchLabels",),) if m["kind"] == "InferencePool" else ())
+                for m in routing.children(spec)]
     return out
 
 

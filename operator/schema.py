@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from pageant.operator import schema_parallel
+
 GROUP = "pageant.dev"
 VERSION = "v1alpha1"
 KIND = "InferenceService"
@@ -136,7 +138,7 @@ def _engine() -> dict[str, Any]:
                                  "exclusiveMinimum": True, "minimum": 0, "maximum": 1},
         "dtype": _s("--dtype.", enum=["auto", "float32", "bfloat16", "float16"]),
         "enablePrefixCaching": _b("--enable-prefix-caching."),
-        "tensorParallelSize": _i("--tensor-parallel-size (GPUs per replica must be at least this).", 1),
+        **schema_parallel.engine_properties(),
         "maxLoras": _i("--max-loras: adapters in one batch. Setting it enables LoRA even with no "
                        "adapters yet, so that adding the first one later needs no restart.", 1),
         "maxLoraRank": _i("--max-lora-rank.", 1),
@@ -153,12 +155,12 @@ def _engine() -> dict[str, Any]:
                 "items": _obj("EnvVar", {"name": _s("Name.", minLength=1), "value": _s("Value."),
                                          "valueFrom": _free_object("EnvVarSource.")},
                               required=["name"])},
-    })
+    }, **{"x-kubernetes-validations": schema_parallel.engine_rules()})
 
 
 def _resources() -> dict[str, Any]:
-    return _obj("Per-replica resources.", {
-        "gpus": _i("GPUs per replica (limits).", 0, default=1),
+    return _obj("Per-pod resources (a replica spans engine.nodes pods).", {
+        "gpus": _i(schema_parallel.GPUS_DESCRIPTION, 0),
         "gpuResourceName": _s("Extended resource name of the GPU.", default="nvidia.com/gpu", minLength=1),
         "cpu": _quantity("CPU request (and limit)."),
         "memory": _quantity("Memory request and limit."),
@@ -293,7 +295,8 @@ def _spec() -> dict[str, Any]:
         "engine": _engine(),
         "resources": _resources(),
         "scheduling": _scheduling(),
-        "replicas": _i("Fixed replica count (also what `kubectl scale` and autoscalers set).", 0),
+        "replicas": _i("Fixed replica count (also what `kubectl scale` and autoscalers set); with "
+                       "engine.nodes > 1 a replica is a group of that many pods.", 0),
         "autoscaling": _autoscaling(),
         "adapters": _adapters(),
         "monitoring": _monitoring(),
@@ -304,6 +307,7 @@ def _spec() -> dict[str, Any]:
     }, required=["model"], **{"x-kubernetes-validations": [
         {"rule": RULE_REPLICAS_XOR_AUTOSCALING,
          "message": "replicas must lie within [autoscaling.minReplicas, autoscaling.maxReplicas]"},
+        *schema_parallel.spec_rules(),
     ]})
 
 

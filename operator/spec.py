@@ -11,8 +11,9 @@ import dataclasses
 import re
 from typing import Any
 
-from pageant.operator import schema
+from pageant.operator import schema, spec_parallel
 from pageant.operator.spec_ext import InferencePoolSpec, ScaleFromZeroSpec, _Reader, inference_pool, scale_from_zero
+from pageant.operator.spec_parallel import ParallelSpec
 
 DEFAULT_ENGINE_IMAGE = "ghcr.io/pageant-project/pageant-engine:0.1.0"
 DEFAULT_TARGETS = {"WaitingRequests": 4.0, "RunningRequests": 16.0, "KVCacheUsage": 0.8}
@@ -73,7 +74,6 @@ class EngineSpec:
     gpu_memory_utilization: float | None = None
     dtype: str | None = None
     enable_prefix_caching: bool = False
-    tensor_parallel_size: int | None = None
     max_loras: int | None = None
     max_lora_rank: int | None = None
     max_cpu_loras: int | None = None
@@ -87,6 +87,7 @@ class EngineSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ResourcesSpec:
+    """Per pod; ``gpus`` is resolved (spec_parallel.parse): as given, else the pod's ranks."""
     gpus: int = 1
     gpu_resource_name: str = "nvidia.com/gpu"
     cpu: str | None = None
@@ -152,6 +153,7 @@ class InferenceServiceSpec:
     network_policy: bool
     service_account_name: str | None
     routing: InferencePoolSpec | None = None
+    parallel: ParallelSpec = ParallelSpec()
 
     @property
     def lora_enabled(self) -> bool:
@@ -225,7 +227,7 @@ def _engine(r: _Reader, raw: dict[str, Any], default_image: str) -> EngineSpec:
     p = "spec.engine"
     ints = {}
     for key, low in [("maxModelLen", 1), ("maxNumSeqs", 1), ("maxNumBatchedTokens", 1),
-                     ("tensorParallelSize", 1), ("maxLoras", 1), ("maxLoraRank", 1), ("maxCpuLoras", 1),
+                     ("maxLoras", 1), ("maxLoraRank", 1), ("maxCpuLoras", 1),
                      ("maxQueuedRequests", 1), ("shutdownTimeoutSeconds", 0), ("startupTimeoutSeconds", 60)]:
         ints[key] = r.get(raw, key, int, p)
         r.minimum(ints[key], low, f"{p}.{key}")
@@ -249,7 +251,7 @@ def _engine(r: _Reader, raw: dict[str, Any], default_image: str) -> EngineSpec:
         max_model_len=ints["maxModelLen"], max_num_seqs=ints["maxNumSeqs"],
         max_num_batched_tokens=ints["maxNumBatchedTokens"], gpu_memory_utilization=gmu, dtype=dtype,
         enable_prefix_caching=r.get(raw, "enablePrefixCaching", bool, p, False),
-        tensor_parallel_size=ints["tensorParallelSize"], max_loras=ints["maxLoras"],
+        max_loras=ints["maxLoras"],
         max_lora_rank=ints["maxLoraRank"], max_cpu_loras=ints["maxCpuLoras"],
         max_queued_requests=ints["maxQueuedRequests"],
         shutdown_timeout_seconds=30 if ints["shutdownTimeoutSeconds"] is None else ints["shutdownTimeoutSeconds"],
@@ -325,16 +327,14 @@ def parse(body: dict[str, Any], default_image: str = DEFAULT_ENGINE_IMAGE) -> In
         raise InvalidSpec(r.problems + ["spec: required"])
     model_raw = r.get(raw, "model", dict, "spec", {}, required=True)
     model = _model(r, model_raw) if model_raw else ModelSpec("")
-    engine = _engine(r, r.get(raw, "engine", dict, "spec", {}), default_image)
+    engine_raw = r.get(raw, "engine", dict, "spec", {})
+    engine = _engine(r, engine_raw, default_image)
     res_raw = r.get(raw, "resources", dict, "spec", {})
-    gpus = r.get(res_raw, "gpus", int, "spec.resources", 1)
-    r.minimum(gpus, 0, "spec.resources.gpus")
+    parallel, gpus = spec_parallel.parse(r, engine_raw, res_raw)
     resources = ResourcesSpec(gpus, r.get(res_raw, "gpuResourceName", str, "spec.resources", "nvidia.com/gpu"),
                               r.get(res_raw, "cpu", str, "spec.resources"),
                               r.get(res_raw, "memory", str, "spec.resources"),
                               r.get(res_raw, "shmSize", str, "spec.resources", "8Gi"))
-    if engine.tensor_parallel_size and engine.tensor_parallel_size > max(gpus, 1):
-        r.problems.append("spec.engine.tensorParallelSize: needs at least that many spec.resources.gpus")
     sch = r.get(raw, "scheduling", dict, "spec", {})
     scheduling = SchedulingSpec(
         dict(r.get(sch, "nodeSelector", dict, "spec.scheduling", {})),
@@ -349,6 +349,7 @@ def parse(body: dict[str, Any], default_image: str = DEFAULT_ENGINE_IMAGE) -> In
     if autoscaling and replicas is not None and not (
             autoscaling.min_replicas <= replicas <= autoscaling.max_replicas):
         r.problems.append("spec.replicas: must lie within [autoscaling.minReplicas, autoscaling.maxReplicas]")
+    spec_parallel.check_name(r, name, parallel, max(replicas or 1, autoscaling.max_replicas if autoscaling else 1))
     mon_raw = r.get(raw, "monitoring", dict, "spec")
     monitoring = None
     if mon_raw is not None and r.get(mon_raw, "enabled", bool, "spec.monitoring", True):
@@ -365,7 +366,7 @@ def parse(body: dict[str, Any], default_image: str = DEFAULT_ENGINE_IMAGE) -> In
         network_policy=r.get(np_raw, "enabled", bool, "spec.networkPolicy", True),
         service_account_name=r.get(raw, "serviceAccountName", str, "spec"),
         routing=inference_pool(r, r.get(r.get(raw, "routing", dict, "spec", {}), "inferencePool", dict,
-                                        "spec.routing"), namespace))
+                                        "spec.routing"), namespace), parallel=parallel)
     if any(a.name == model.name for a in spec.adapters):
         r.problems.append("spec.adapters: an adapter cannot have the served model's name")
     if r.problems:

@@ -1,6 +1,10 @@
 """Status from what the children report (pure): replicas, URL and the conditions (Ready, Progressing,
 Degraded, AdaptersReady; Routed with spec.routing, from the HTTPRoute's and InferencePool's status).
 
+With engine.nodes > 1 the workload is a LeaderWorkerSet: its status counts groups (replicas,
+readyReplicas, updatedReplicas) and its UpdateInProgress condition marks a rollout, read the way a
+Deployment's are; pod problems are every pod's (leaders and workers), adapters are the leaders'.
+
 Reasons come from the Deployment's conditions and the pods' own statuses (image pull errors,
 unschedulable for lack of GPUs, crash loops, model still loading) so that `kubectl get infsvc`
 tells the truth without digging through pods.
@@ -12,7 +16,7 @@ import dataclasses
 import datetime
 from typing import Any
 
-from pageant.operator.builders import common, wake, workload
+from pageant.operator.builders import common, multinode, wake, workload
 from pageant.operator.spec import InferenceServiceSpec
 
 IMAGE_PULL = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
@@ -23,6 +27,7 @@ CRASH = {"CrashLoopBackOff", "RunContainerError", "CreateContainerConfigError", 
 class Observed:
     """What one reconciliation saw and did, beyond the children's own statuses."""
     deployment: dict[str, Any] | None = None
+    lws: dict[str, Any] | None = None  # the live LeaderWorkerSet (engine.nodes > 1)
     pods: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     adapter_counts: dict[str, int] | None = None  # None: not measured
     adapter_errors: list[str] = dataclasses.field(default_factory=list)
@@ -88,17 +93,26 @@ def pod_problems(pods: list[dict[str, Any]], gpu_resource: str) -> list[tuple[st
     return sorted(found.items())
 
 
+def workload_of(spec: InferenceServiceSpec, seen: Observed) -> tuple[str, dict[str, Any] | None, str | None]:
+    """(kind, live object, the config hash its pod template should carry) of the engine's workload."""
+    if spec.parallel.multinode:
+        return multinode.KIND, seen.lws, multinode.template_hash(multinode.leader_worker_set(spec))
+    return "Deployment", seen.deployment, workload.template_hash(workload.deployment(spec))
+
+
 def compute(spec: InferenceServiceSpec, seen: Observed, old_status: dict[str, Any] | None) -> dict[str, Any]:
     """The full status object for a valid spec."""
-    dep = seen.deployment or {}
+    kind, live, config_hash = workload_of(spec, seen)
+    dep = live or {}
     dst = dep.get("status") or {}
     desired = spec.desired_replicas
-    ready_pods = [p for p in seen.pods if pod_ready(p)]
+    ready_pods = [p for p in seen.pods if pod_ready(p) and common.serves_api(spec, p)]
     ready = int(dst.get("readyReplicas") or 0)
     replicas = int(dst.get("replicas") or 0)
     updated = int(dst.get("updatedReplicas") or 0)
     dep_conditions = {c.get("type"): c for c in dst.get("conditions") or []}
-    rolled = (dep.get("metadata") or {}).get("generation") in (None, dst.get("observedGeneration"))
+    rolled = (dep.get("metadata") or {}).get("generation") in (None, dst.get("observedGeneration")) \
+        and (dep_conditions.get("UpdateInProgress") or {}).get("status") != "True"  # a LeaderWorkerSet's
     problems = list(seen.problems) + pod_problems(seen.pods, spec.resources.gpu_resource_name)
     progressing_c = dep_conditions.get("Progressing") or {}
     if progressing_c.get("status") == "False" and progressing_c.get("reason") == "ProgressDeadlineExceeded":
@@ -108,8 +122,11 @@ def compute(spec: InferenceServiceSpec, seen: Observed, old_status: dict[str, An
                                     for c in job_st.get("conditions") or []):
         problems.append(("ModelDownloadFailed", f"Job {seen.job['metadata']['name']} failed"))
 
-    if seen.deployment is None:
-        ready_c = condition("Ready", False, "DeploymentMissing", "the Deployment does not exist yet")
+    api_missing = [p for p in problems if p[0] == f"{kind}APIMissing"]
+    if live is None and api_missing:
+        ready_c = condition("Ready", False, *api_missing[0])
+    elif live is None:
+        ready_c = condition("Ready", False, f"{kind}Missing", f"the {kind} does not exist yet")
     elif ready > 0:
         ready_c = condition("Ready", True, "AllReplicasReady" if ready >= desired else "PartiallyReady",
                             f"{ready}/{desired} replicas ready")
@@ -122,7 +139,7 @@ def compute(spec: InferenceServiceSpec, seen: Observed, old_status: dict[str, An
     else:
         ready_c = condition("Ready", False, "ModelLoading", f"0/{desired} replicas ready (loading the model)")
 
-    converged = seen.deployment is not None and rolled and updated >= desired and ready >= desired \
+    converged = live is not None and rolled and updated >= desired and ready >= desired \
         and replicas == desired
     if converged:
         prog_c = condition("Progressing", False, "Stable", f"{ready}/{desired} replicas ready and up to date")
@@ -160,7 +177,7 @@ def compute(spec: InferenceServiceSpec, seen: Observed, old_status: dict[str, An
         "observedGeneration": spec.generation,
         "replicas": replicas, "readyReplicas": ready, "desiredReplicas": desired,
         "selector": common.selector_string(spec), "url": wake.url(spec) if seen.wake else common.url(spec), "model": spec.model.name,
-        "configHash": workload.template_hash(workload.deployment(spec)),
+        "configHash": config_hash,
         "adapters": adapters,
         "conditions": merge_conditions(old, [ready_c, prog_c, degraded_c, adapters_c]
                                        + ([routed(spec, seen)] if spec.routing is not None else []), spec.generation),

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any
 
-from pageant.operator import schema
+from pageant.operator import schema, spec_parallel
 from pageant.operator.spec import InferenceServiceSpec
 
 HTTP_PORT = 8000
@@ -14,6 +14,9 @@ MANAGED_BY = "pageant-operator"
 INSTANCE_LABEL = "pageant.dev/inferenceservice"
 COMPONENT = "engine"
 CONFIG_HASH_ANNOTATION = "pageant.dev/config-hash"
+# Set by the LeaderWorkerSet controller on every pod of a group: "0" on the leader (the pod that
+# serves the API), 1.. on the workers.
+LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
 ADAPTERS_MOUNT = "/etc/pageant/adapters"
 ADAPTERS_FILE = "adapters.json"
 MODEL_MOUNT = "/models"
@@ -36,7 +39,8 @@ def names(spec: InferenceServiceSpec) -> dict[str, str]:
     return {"deployment": n, "service": n, "adapters": f"{n}-adapters", "pdb": n, "networkpolicy": n,
             "scaledobject": n, "hpa": n, "monitor": n, "cache_pvc": f"{n}-model-cache",
             "cache_job": f"{n}-model-download", "interceptorroute": n, "wake": f"{n}-wake",
-            "inferencepool": n, "epp": f"{n}-epp", "httproute": n}
+            "inferencepool": n, "epp": f"{n}-epp", "httproute": n,
+            "leaderworkerset": f"{n}{spec_parallel.LWS_SUFFIX}"}
 
 
 def selector_labels(spec: InferenceServiceSpec) -> dict[str, str]:
@@ -44,8 +48,24 @@ def selector_labels(spec: InferenceServiceSpec) -> dict[str, str]:
     return {INSTANCE_LABEL: spec.name, "app.kubernetes.io/component": COMPONENT}
 
 
+def serving_labels(spec: InferenceServiceSpec) -> dict[str, str]:
+    """The pods that serve the API: every engine pod, or with engine.nodes > 1 only the groups'
+    leaders (workers are headless). What the Service, the InferencePool, a PodMonitor and the
+    scale subresource's selector (HPA's per-pod metrics: one per replica) select."""
+    if spec.parallel.multinode:
+        return {**selector_labels(spec), LWS_WORKER_INDEX_LABEL: "0"}
+    return selector_labels(spec)
+
+
+def serves_api(spec: InferenceServiceSpec, pod: dict[str, Any]) -> bool:
+    """Whether one of the service's pods (listed by selector_labels) serves the API: every one, or
+    with engine.nodes > 1 a group's leader."""
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return not spec.parallel.multinode or labels.get(LWS_WORKER_INDEX_LABEL) == "0"
+
+
 def selector_string(spec: InferenceServiceSpec) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(spec).items()))
+    return ",".join(f"{k}={v}" for k, v in sorted(serving_labels(spec).items()))
 
 
 def common_labels(spec: InferenceServiceSpec) -> dict[str, str]:

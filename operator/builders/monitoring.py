@@ -14,9 +14,12 @@ def monitor(spec: InferenceServiceSpec) -> dict[str, Any]:
         raise ValueError("monitor() needs spec.monitoring")
     endpoint = {"port": "http", "path": "/metrics", "interval": m.interval}
     key = "endpoints" if m.kind == "ServiceMonitor" else "podMetricsEndpoints"
+    # A ServiceMonitor selects the engine's Service (by its labels), a PodMonitor the pods that
+    # serve /metrics (with engine.nodes > 1 the leaders: headless workers have no `http` port).
+    selector = common.selector_labels(spec) if m.kind == "ServiceMonitor" else common.serving_labels(spec)
     return {
         "apiVersion": "monitoring.coreos.com/v1", "kind": m.kind,
         "metadata": common.metadata(spec, common.names(spec)["monitor"], "monitoring", labels=m.labels),
-        "spec": {"selector": {"matchLabels": common.selector_labels(spec)},
+        "spec": {"selector": {"matchLabels": selector},
                  "namespaceSelector": {"matchNames": [spec.namespace]}, key: [endpoint]},
     }

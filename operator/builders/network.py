@@ -9,22 +9,28 @@ from pageant.operator.spec import InferenceServiceSpec
 
 
 def service(spec: InferenceServiceSpec) -> dict[str, Any]:
-    """ClusterIP Service with port `http` 8000 (the URL in status points here)."""
+    """ClusterIP Service with port `http` 8000 (the URL in status points here), on the pods that
+    serve the API (with engine.nodes > 1 the groups' leaders)."""
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": common.metadata(spec, common.names(spec)["service"], common.COMPONENT),
-        "spec": {"type": "ClusterIP", "selector": common.selector_labels(spec),
+        "spec": {"type": "ClusterIP", "selector": common.serving_labels(spec),
                  "ports": [{"name": "http", "port": common.HTTP_PORT, "targetPort": "http", "protocol": "TCP"}]},
     }
 
 
 def network_policy(spec: InferenceServiceSpec) -> dict[str, Any]:
-    """Admit ingress only on the API port (which also serves /metrics); egress is untouched."""
+    """Admit ingress only on the API port (which also serves /metrics); egress is untouched. With
+    engine.nodes > 1 the pods of the service also reach each other on any port: the rendezvous
+    port and the ports NCCL picks between the ranks."""
+    ingress: list[dict[str, Any]] = [{"ports": [{"protocol": "TCP", "port": common.HTTP_PORT}]}]
+    if spec.parallel.multinode:
+        ingress.append({"from": [{"podSelector": {"matchLabels": common.selector_labels(spec)}}]})
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": common.metadata(spec, common.names(spec)["networkpolicy"], common.COMPONENT),
         "spec": {"podSelector": {"matchLabels": common.selector_labels(spec)}, "policyTypes": ["Ingress"],
-                 "ingress": [{"ports": [{"protocol": "TCP", "port": common.HTTP_PORT}]}]},
+                 "ingress": ingress},
     }
 
 

@@ -49,7 +49,7 @@ def inference_pool(spec: InferenceServiceSpec) -> dict[str, Any]:
     return {
         "apiVersion": POOL_API, "kind": "InferencePool",
         "metadata": common.metadata(spec, common.names(spec)["inferencepool"], "routing"),
-        "spec": {"selector": {"matchLabels": common.selector_labels(spec)},
+        "spec": {"selector": {"matchLabels": common.serving_labels(spec)},  # with nodes > 1: leaders
                  "targetPorts": [{"number": common.HTTP_PORT}],
                  "endpointPickerRef": {"name": common.names(spec)["epp"], "port": {"number": EPP_GRPC_PORT},
                                        "failureMode": p.failure_mode}},

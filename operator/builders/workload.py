@@ -12,6 +12,7 @@ when the serving configuration does.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from pageant.operator.builders import common
@@ -66,9 +67,10 @@ def adapter_entries(spec: InferenceServiceSpec) -> list[dict[str, str]]:
     return out
 
 
-def engine_args(spec: InferenceServiceSpec) -> list[str]:
-    """Arguments after `pageant serve`, derived from the spec only."""
-    e, m = spec.engine, spec.model
+def engine_args(spec: InferenceServiceSpec, node_args: Sequence[str] = ()) -> list[str]:
+    """Arguments after `pageant serve`, derived from the spec only; ``node_args`` (one pod's place
+    in a multi-node group, see builders/multinode.py) go before the user's extraArgs."""
+    e, m, par = spec.engine, spec.model, spec.parallel
     # no --model: `pageant serve` serves the demo model bundled in the image
     args = [] if m.demo else ["--model", m.hub.repo if m.hub is not None else model_dir(spec)]
     args += ["--served-model-name", m.name, "--host", "0.0.0.0", "--port", str(common.HTTP_PORT)]
@@ -82,7 +84,8 @@ def engine_args(spec: InferenceServiceSpec) -> list[str]:
                         ("--max-num-seqs", e.max_num_seqs), ("--max-num-batched-tokens", e.max_num_batched_tokens),
                         ("--gpu-memory-utilization", e.gpu_memory_utilization),
                         ("--max-queued-requests", e.max_queued_requests),
-                        ("--tensor-parallel-size", e.tensor_parallel_size)]:
+                        ("--tensor-parallel-size", par.tensor_parallel_size),
+                        ("--pipeline-parallel-size", par.pipeline_parallel_size)]:
         if value is not None:
             args += [flag, str(value)]
     args += ["--shutdown-timeout", str(e.shutdown_timeout_seconds)]
@@ -101,7 +104,7 @@ def engine_args(spec: InferenceServiceSpec) -> list[str]:
             args += ["--allowed-lora-root", common.ADAPTER_PVC_MOUNT]
     if e.api_key is not None:
         args += ["--api-key", "$(PAGEANT_API_KEY)"]  # expanded by kubelet from the env below
-    return args + list(e.extra_args)
+    return args + list(node_args) + list(e.extra_args)
 
 
 def _env(spec: InferenceServiceSpec) -> list[dict[str, Any]]:
@@ -151,8 +154,12 @@ def _probe(path: str, period: int, failures: int, timeout: int) -> dict[str, Any
             "failureThreshold": failures, "timeoutSeconds": timeout}
 
 
-def pod_template(spec: InferenceServiceSpec) -> dict[str, Any]:
-    """The pod template, with the config-hash annotation of everything else in it."""
+def pod_template(spec: InferenceServiceSpec, node_args: Sequence[str] = (), serves_api: bool = True,
+                 extra_ports: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The pod template, with the config-hash annotation of everything else in it.
+
+    A pod that does not serve the API (a multi-node group's headless worker) has no `http` port,
+    no probes (its leader's probes speak for the group) and no preStop drain."""
     e, r, s = spec.engine, spec.resources, spec.scheduling
     volumes, mounts = _volumes(spec)
     requests: dict[str, Any] = {}
@@ -163,9 +170,10 @@ def pod_template(spec: InferenceServiceSpec) -> dict[str, Any]:
         requests["memory"] = limits["memory"] = r.memory
     if r.gpus > 0:
         limits[r.gpu_resource_name] = str(r.gpus)
+    ports = [{"name": "http", "containerPort": common.HTTP_PORT, "protocol": "TCP"}] if serves_api else []
     container: dict[str, Any] = {
-        "name": "engine", "image": e.image, "command": ["pageant", "serve"], "args": engine_args(spec),
-        "env": _env(spec), "ports": [{"name": "http", "containerPort": common.HTTP_PORT, "protocol": "TCP"}],
+        "name": "engine", "image": e.image, "command": ["pageant", "serve"], "args": engine_args(spec, node_args),
+        "env": _env(spec), "ports": ports + [dict(p) for p in extra_ports],
         "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
         "volumeMounts": mounts,
         "startupProbe": _probe("/health", 10, max(1, math.ceil(e.startup_timeout_seconds / 10)), 5),
@@ -174,6 +182,11 @@ def pod_template(spec: InferenceServiceSpec) -> dict[str, Any]:
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
         "securityContext": _container_security(),
     }
+    if not serves_api:
+        for key in ("startupProbe", "readinessProbe", "livenessProbe", "lifecycle"):
+            del container[key]
+    if not container["ports"]:
+        del container["ports"]
     if e.image_pull_policy:
         container["imagePullPolicy"] = e.image_pull_policy
     pod: dict[str, Any] = {

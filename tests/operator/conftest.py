@@ -22,6 +22,7 @@ UPSTREAM = {  # (apiVersion, kind) -> file under PAGEANT_SCHEMAS_DIR
     ("http.keda.sh/v1beta1", "InterceptorRoute"): "http.keda.sh_interceptorroutes.yaml",
     ("inference.networking.k8s.io/v1", "InferencePool"): "inference.networking.k8s.io_inferencepools.yaml",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "gateway.networking.k8s.io_httproutes.yaml",
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): "leaderworkerset.x-k8s.io_leaderworkersets.yaml",
 }
 
 
@@ -49,8 +50,9 @@ def upstream_validators() -> dict[tuple[str, str], jsonschema.Draft4Validator]:
 @pytest.fixture(scope="session")
 def validate_manifest(upstream_validators) -> Callable[[dict[str, Any]], None]:
     """Validate a rendered object: core kinds with kubernetes-validate (strict, 1.33); KEDA (and its
-    HTTP add-on), Prometheus Operator, Gateway API and Inference Extension kinds with their
-    published CRD schemas."""
+    HTTP add-on), Prometheus Operator, Gateway API, Inference Extension and LeaderWorkerSet kinds
+    with their published CRD schemas. A LeaderWorkerSet's pod templates are also validated strictly
+    as core PodTemplates (its CRD schema does not reject unknown fields)."""
 
     def validate(obj: dict[str, Any]) -> None:
         key = (obj["apiVersion"], obj["kind"])
@@ -58,6 +60,11 @@ def validate_manifest(upstream_validators) -> Callable[[dict[str, Any]], None]:
             upstream_validators[key].validate(obj)
         else:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        if obj["kind"] == "LeaderWorkerSet":
+            lwt = obj["spec"]["leaderWorkerTemplate"]
+            for role in ("leaderTemplate", "workerTemplate"):
+                kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {
+                    "name": f"{obj['metadata']['name']}-{role}"}, "template": lwt[role]}, K8S_VERSION, strict=True)
 
     return validate
 

@@ -59,6 +59,10 @@ FEATURES = {
     "scale-from-zero-tuned": {"autoscaling": {"minReplicas": 0, "maxReplicas": 2, "scaleFromZero": {
         "interceptorNamespace": "keda-http", "targetConcurrency": 8,
         "timeouts": {"readiness": "45m", "request": "1h", "responseHeader": "10m"}}}},
+    "pipeline": {"engine": {"tensorParallelSize": 2, "pipelineParallelSize": 2}, "resources": {"memory": "64Gi"}},
+    "multinode": {"engine": {"tensorParallelSize": 4, "pipelineParallelSize": 2, "nodes": 2, "maxLoras": 2},
+                  "replicas": 2, "monitoring": {"kind": "PodMonitor"}, "model": {"name": "m", "cache": {
+                      "repo": "org/m", "size": "40Gi"}}, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}},
     "routing": {"routing": {"inferencePool": {"enabled": True, "gateway": {"name": "inference-gw",
                                                                           "namespace": "gateways",
                                                                           "sectionName": "http"}}},
@@ -327,7 +331,7 @@ def test_render_reads_stdin_and_skips_other_kinds(make_body):
     assert missing.returncode == 2 and "cannot read" in missing.stderr
 
 
-@pytest.mark.parametrize("feature", ["hub", "pvc", "cache", "demo", "knobs", "adapters"])
+@pytest.mark.parametrize("feature", ["hub", "pvc", "cache", "demo", "knobs", "adapters", "pipeline"])
 def test_engine_accepts_the_rendered_args(make_body, feature):
     """Contract with the engine: its own argument parser takes what the operator renders."""
     from pageant.engine.server.cli import build_parser  # test-only: the operator never imports the engine

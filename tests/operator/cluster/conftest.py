@@ -31,7 +31,8 @@ OPTIONAL_RESOURCES = {"ScaledObject": "keda.sh/v1alpha1/scaledobjects",
                       "PodMonitor": "monitoring.coreos.com/v1/podmonitors",
                       "InterceptorRoute": "http.keda.sh/v1beta1/interceptorroutes",
                       "InferencePool": "inference.networking.k8s.io/v1/inferencepools",
-                      "HTTPRoute": "gateway.networking.k8s.io/v1/httproutes"}
+                      "HTTPRoute": "gateway.networking.k8s.io/v1/httproutes",
+                      "LeaderWorkerSet": "leaderworkerset.x-k8s.io/v1/leaderworkersets"}
 IS_RESOURCE = "pageant.dev/v1alpha1/inferenceservices"
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 
@@ -208,7 +209,7 @@ class Cluster:
 
     def install(self, kind: str) -> None:
         """Install an optional API (as if its CRD were applied): KEDA, its HTTP add-on, the Prometheus
-        Operator, Gateway API or the Inference Extension."""
+        Operator, Gateway API, the Inference Extension or LeaderWorkerSet."""
         self.k.resources[OPTIONAL_RESOURCES[kind]] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs=VERBS,
                                                                         subresources={"status"})
 
@@ -238,14 +239,7 @@ class Cluster:
         IP on loopback (127.0.0.<index+1>) where a fake engine answers."""
         dep = self.get("Deployment", ns, dep_name)
         ip = f"127.0.0.{index + 1}"
-        engine = self.engines.get(ip)
-        if engine is None:
-            engine = FakeEngine(base_model)
-            runner = web.AppRunner(engine.app(), access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, ip, self.pod_port).start()
-            self._runners.append(runner)
-            self.engines[ip] = engine
+        engine = await self._engine_at(ip, base_model)
         pod = {"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": f"{dep_name}-pod-{index}", "namespace": ns,
                             "labels": dict(dep["spec"]["template"]["metadata"]["labels"]),
@@ -254,6 +248,44 @@ class Cluster:
                "status": {"phase": "Running", "podIP": ip,
                           "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
         await self.create("v1/pods", pod)
+        return engine
+
+    async def _engine_at(self, ip: str, base_model: str) -> FakeEngine:
+        engine = self.engines.get(ip)
+        if engine is None:
+            engine = FakeEngine(base_model)
+            runner = web.AppRunner(engine.app(), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, ip, self.pod_port).start()
+            self._runners.append(runner)
+            self.engines[ip] = engine
+        return engine
+
+    async def start_group_pod(self, ns: str, lws_name: str, group: int, worker: int, base_model: str,
+                              ip: str, serve: bool | None = None) -> FakeEngine | None:
+        """What the LeaderWorkerSet controller, its pod webhook and kubelet would do: pod
+        <lws>-<group> (the leader, worker 0) or <lws>-<group>-<worker> from the matching template,
+        with the labels and env LWS adds, Ready, at ``ip``. A fake engine answers there on the leader
+        (workers are headless), or where ``serve`` says (to show that nothing calls a worker)."""
+        lwt = self.get("LeaderWorkerSet", ns, lws_name)["spec"]["leaderWorkerTemplate"]
+        tmpl = lwt["leaderTemplate" if worker == 0 else "workerTemplate"]
+        name = f"{lws_name}-{group}" + (f"-{worker}" if worker else "")
+        labels = {**tmpl["metadata"]["labels"], "leaderworkerset.sigs.k8s.io/name": lws_name,
+                  "leaderworkerset.sigs.k8s.io/group-index": str(group),
+                  "leaderworkerset.sigs.k8s.io/worker-index": str(worker)}
+        pod_spec = copy.deepcopy(tmpl["spec"])
+        lws_env = [{"name": "LWS_LEADER_ADDRESS", "value": f"{lws_name}-{group}.{lws_name}.{ns}"},
+                   {"name": "LWS_GROUP_SIZE", "value": str(lwt["size"])},
+                   {"name": "LWS_WORKER_INDEX", "value": str(worker)}]
+        for c in pod_spec["containers"]:
+            c["env"] = lws_env + c.get("env", [])
+        engine = await self._engine_at(ip, base_model) if (worker == 0 if serve is None else serve) else None
+        await self.create("v1/pods", {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": labels,
+                         "annotations": dict(tmpl["metadata"]["annotations"])},
+            "spec": pod_spec,
+            "status": {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}})
         return engine
 
 
