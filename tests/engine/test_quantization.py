@@ -38,42 +38,9 @@ def quantize_checkpoint(dense: str, out: pathlib.Path, weights: dict) -> str:
     """``dense`` quantized with compressed-tensors' own API (no llm-compressor): apply the config,
     set min/max scales with its ``calculate_qparams``, compress with its ``ModelCompressor``, save
     (float weights in float-quantized format, int weights pack-quantized) plus the tokenizer."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 apply_quantization_config)
-    from compressed_tensors.quantization.utils import calculate_qparams
-    from transformers import AutoModelForCausalLM
+    from pageant.engine.layers.quantization.checkpoints import compressed_tensors_checkpoint
 
-    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
-    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
-        targets=["Linear"], weights=QuantizationArgs(**weights))}, ignore=["lm_head"])
-    apply_quantization_config(model, config, show_progress=False)
-    for _, module in model.named_modules():
-        scheme = getattr(module, "quantization_scheme", None)
-        if scheme is None:
-            continue
-        w, args = module.weight.data, scheme.weights
-        if args.strategy == "group":
-            grouped = w.unflatten(-1, (-1, args.group_size))
-            lo, hi = grouped.amin(-1), grouped.amax(-1)
-        elif args.strategy == "channel":
-            lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
-        else:
-            lo, hi = w.amin(), w.amax()
-        scale, zero = calculate_qparams(lo, hi, args)
-        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
-        if hasattr(module, "weight_zero_point"):
-            module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
-    fmt = "float-quantized" if weights["type"] == "float" else None
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
-    compressor.compress_model(model)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    compressor.update_config(str(out))
-    for f in pathlib.Path(dense).iterdir():  # tokenizer files
-        if not (out / f.name).exists():
-            shutil.copy(f, out / f.name)
-    return str(out)
+    return compressed_tensors_checkpoint(dense, out, weights)
 
 
 def hf_greedy(path: str, prompts: list[list[int]]) -> list[list[int]]:
@@ -241,10 +208,16 @@ def test_bad_checkpoints(quantized, dense, tmp_path):
     with pytest.raises(ValueError, match=r"quant_method 'bitsandbytes'.*supported: compressed-tensors, fp8, gptq, awq"):
         LLM(model=_variant(int4, tmp_path / "bnb", unknown))
 
-    def w8a8(q):
+    def per_tensor_dynamic(q):  # batch-dependent scales: refused, the supported ones named
         q["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "int", "dynamic": True}
-    with pytest.raises(ValueError, match=r"quantizes activations"):
-        LLM(model=_variant(int4, tmp_path / "w8a8", w8a8))
+    with pytest.raises(ValueError, match=r"group 'group_0': dynamic input activation strategy 'tensor' is not "
+                                         r"supported; supported: token, group"):
+        LLM(model=_variant(int4, tmp_path / "w8a8", per_tensor_dynamic))
+
+    def outputs(q):
+        q["config_groups"]["group_0"]["output_activations"] = {"num_bits": 8, "type": "float", "dynamic": True}
+    with pytest.raises(ValueError, match=r"quantizes output activations, which is not supported"):
+        LLM(model=_variant(int4, tmp_path / "out", outputs))
 
     with pytest.raises(ValueError, match=r"unsupported quantization 'marlin'; supported: compressed-tensors, fp8, gptq, awq"):
         EngineConfig(model=dense, quantization="marlin")
@@ -279,3 +252,53 @@ def test_layer_bytes_exact():
     sizes = {n: p.numel() * p.element_size() for n, p in layer.named_parameters()}
     assert sizes == {"weight_packed": 1024 * 1024 // 2, "weight_scale": 1024 * 8 * 2, "weight_shape": 16}
     assert sum(sizes.values()) / (1024 * 1024 * 2) < 0.26  # vs the dense bf16 weight
+
+
+def test_bad_checkpoints_name_the_tensor_or_setting(quantized, tmp_path):
+    """Packed shapes that disagree with config.json, a missing zero point or static input scale,
+    schemes outside what is supported (the message lists what is)."""
+    asym = quantized("int4-g32-asym")
+    wider = _variant(asym, tmp_path / "wider")
+    cfg = json.loads((pathlib.Path(wider) / "config.json").read_text())
+    cfg["intermediate_size"] = 256
+    (pathlib.Path(wider) / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"weight 'model.layers.0.mlp.down_proj.weight_packed': packed weight is "
+                                         r"torch.int32 \(64, 16\), expected int32 \(64, 32\) \(64 x 256 4-bit"):
+        LLM(model=wider)
+
+    with pytest.raises(ValueError, match=r"lacks weights.*layers.0.mlp.gate_up_proj.weight_zero_point:1"):
+        LLM(model=_variant(asym, tmp_path / "nozero", drop="model.layers.0.mlp.up_proj.weight_zero_point"))
+
+    def set_weights(**kw):
+        def edit(q):
+            q["config_groups"]["group_0"]["weights"].update(kw)
+        return edit
+    cases = {
+        "bits2": (set_weights(num_bits=2), r"2-bit int weights are not supported; supported: 4, 8"),
+        "tensor": (set_weights(strategy="tensor"), r"int weight strategy 'tensor' is not supported; supported: "
+                                                   r"channel, group"),
+        "fp4": (set_weights(type="float", num_bits=4), r"float weights of 4 bits .* supported: 8-bit \(FP8 E4M3\)"),
+        "fp8-token": (lambda q: (set_weights(type="float", num_bits=8, strategy="token")(q),
+                                 q.update(format="float-quantized"), q["config_groups"]["group_0"].pop("format")),
+                      r"FP8 weight strategy 'token' is not supported; supported: tensor, channel, block"),
+        "a4": (lambda q: q["config_groups"]["group_0"].update(input_activations={
+            "num_bits": 4, "type": "int", "strategy": "token", "dynamic": True}),
+            r"4-bit int input activations are not supported; supported: 8-bit int \(W8A8\) and 8-bit float"),
+        "local": (lambda q: q["config_groups"]["group_0"].update(input_activations={
+            "num_bits": 8, "type": "float", "strategy": "tensor_group", "dynamic": "local"}),
+            r"input activations with dynamic='local' are not supported"),
+    }
+    for name, (edit, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            LLM(model=_variant(asym, tmp_path / name, edit))
+
+
+def test_missing_static_input_scale(make_checkpoint, tmp_path):
+    from pageant.engine.layers.quantization.checkpoints import compressed_tensors_checkpoint
+
+    path = compressed_tensors_checkpoint(make_checkpoint("llama"), tmp_path / "w8a8",
+                                         dict(num_bits=8, type="int", strategy="channel", symmetric=True),
+                                         dict(num_bits=8, type="int", strategy="tensor", dynamic=False),
+                                         calibration=[[1, 4, 9, 16]])
+    with pytest.raises(ValueError, match=r"lacks weights.*layers.1.self_attn.o_proj.input_scale"):
+        LLM(model=_variant(path, tmp_path / "noinput", drop="model.layers.1.self_attn.o_proj.input_scale"))

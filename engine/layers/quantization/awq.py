@@ -25,6 +25,7 @@ from torch import nn
 
 from pageant.engine.layers.quantization import QuantConfig
 from pageant.engine.layers.quantization.gptq import PackedWNA16Method, _int, pack_int32, unpack_int32
+from pageant.engine.layers.quantization.sharding import check_input_split
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output (within 8) held by nibble k
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble holding output o (within 8)
@@ -87,6 +88,7 @@ class AwqConfig(QuantConfig):
         if next(iter(dense.values())):
             return None
         cols = layer.input_size_per_partition
+        check_input_split(layer, prefix, self.group_size, f"AWQ group_size {self.group_size}")
         if cols % self.group_size:
             raise ValueError(f"{prefix}: {cols} input features are not a multiple of AWQ group_size {self.group_size}")
         return AwqMethod(self.bits, self.group_size)

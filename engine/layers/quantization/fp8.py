@@ -17,6 +17,7 @@ from torch import nn
 
 from pageant.engine.layers.quantization import QuantConfig
 from pageant.engine.layers.quantization.compressed_tensors import CompressedTensorsW8A16Fp8Method, _param_name
+from pageant.engine.layers.quantization.sharding import place
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
@@ -31,7 +32,10 @@ def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 class Fp8OnlineConfig(QuantConfig):
+    """``quantization="fp8"`` on a float checkpoint: every linear layer to FP8 per output channel."""
+
     name = "fp8"
+    online = True
 
     def get_quant_method(self, layer, prefix, checkpoint_names):
         return Fp8OnlineLinearMethod()
@@ -46,11 +50,12 @@ class Fp8OnlineLinearMethod(CompressedTensorsW8A16Fp8Method):
         layer.register_buffer("weight_scale", torch.empty(output_size, 1, dtype=dtype))
 
     def weight_loader(self, layer, param, loaded: torch.Tensor, shard_id, dense: Callable) -> None:
-        if _param_name(layer, param) == "weight" and loaded.dtype != torch.float8_e4m3fn:
+        name = _param_name(layer, param)
+        if name == "weight" and loaded.dtype != torch.float8_e4m3fn:
             if not loaded.is_floating_point():
                 raise ValueError(f"quantization='fp8' needs a float weight, got {loaded.dtype}")
-            q, scale = quantize_fp8_per_channel(loaded)  # per row: shards quantize independently
-            dense(param, q, shard_id)
-            dense(layer.weight_scale, scale, shard_id)
+            q, scale = quantize_fp8_per_channel(loaded)  # per (whole) row: shards quantize independently
+            place(layer, param, q, shard_id, dense, input_dim=1)
+            place(layer, layer.weight_scale, scale, shard_id, dense, input_dim=None)
             return
-        dense(param, loaded, shard_id)
+        place(layer, param, loaded, shard_id, dense, input_dim=1 if name == "weight" else None)

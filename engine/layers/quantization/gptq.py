@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pageant.engine.layers.quantization import QuantConfig
-from pageant.engine.layers.quantization.compressed_tensors import _param_name, shard_rows
+from pageant.engine.layers.quantization.compressed_tensors import _param_name
+from pageant.engine.layers.quantization.sharding import check_input_split, checkpoint_rows, is_row_split, place
 
 
 def unpack_int32(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -80,8 +81,13 @@ class PackedWNA16Method:
     def groups(self, input_size: int) -> int:
         return 1 if self.group_size == -1 else -(-input_size // self.group_size)
 
+    def split_groups(self, layer) -> bool:
+        """Whether this rank holds only its input slice's groups (row-parallel, ``tp_size > 1``);
+        otherwise scales and zeros are whole (per channel, or act-order groups spread over K)."""
+        return is_row_split(layer) and self.group_size != -1
+
     def create_weights(self, layer, input_size: int, output_size: int, dtype: torch.dtype | None) -> None:
-        groups = self.groups(input_size)
+        groups = self.groups(input_size if self.split_groups(layer) or not is_row_split(layer) else layer.input_size)
         layer.register_parameter("qweight", nn.Parameter(
             torch.empty(output_size, input_size // self.pack, dtype=torch.int32), requires_grad=False))
         layer.register_parameter("scales", nn.Parameter(
@@ -101,11 +107,14 @@ class PackedWNA16Method:
 
     def weight_loader(self, layer, param, loaded: torch.Tensor, shard_id, dense: Callable) -> None:
         name = _param_name(layer, param)
-        rows, cols = shard_rows(layer, shard_id), layer.input_size_per_partition
+        rows, cols = checkpoint_rows(layer, shard_id), layer.input_size  # the checkpoint's spans every rank
+        if name == "bias":
+            return place(layer, param, loaded, shard_id, dense, input_dim=None)
         if name in self.packed_out and rows % self.pack:
             raise ValueError(f"{self.fmt}: {rows} output features are not a multiple of {self.pack} "
                              f"({self.bits}-bit values packed {self.pack} per int32 along the output dim)")
-        dense(param, self.convert(name, loaded, rows, cols), shard_id)
+        split = name == "qweight" or self.split_groups(layer)
+        place(layer, param, self.convert(name, loaded, rows, cols), shard_id, dense, input_dim=1 if split else None)
 
     def weight(self, layer, dtype: torch.dtype) -> torch.Tensor:
         """The layer's ``[out, in]`` weight in ``dtype``: ``(q - zero) * scale`` per group."""
@@ -123,15 +132,22 @@ class PackedWNA16Method:
     dequantize = weight
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, self.weight(layer, x.dtype), bias)
+        from pageant.engine.layers.quantization import gemm  # Triton dequant GEMM on CUDA, this dequant on the CPU
+
+        return gemm.int_weight_gemm(x, layer.qweight, layer.scales, bits=self.bits, group_size=self.group_size,
+                                    zeros=layer.qzeros, g_idx=getattr(layer, "g_idx", None), bias=bias)
 
 
 class GptqMethod(PackedWNA16Method):
     fmt = "GPTQ"
 
-    def __init__(self, bits: int, group_size: int):
+    def __init__(self, bits: int, group_size: int, desc_act: bool = False):
         super().__init__(bits, group_size)
+        self.desc_act = desc_act
         self._g_idx_from: object = None  # the shard g_idx was first loaded from (merged shards must agree)
+
+    def split_groups(self, layer) -> bool:  # act-order: any input row may be in any group (vLLM's rule)
+        return super().split_groups(layer) and not self.desc_act
 
     def create_weights(self, layer, input_size, output_size, dtype) -> None:
         super().create_weights(layer, input_size, output_size, dtype)
@@ -161,13 +177,22 @@ class GptqMethod(PackedWNA16Method):
     def weight_loader(self, layer, param, loaded, shard_id, dense) -> None:
         if _param_name(layer, param) != "g_idx":
             return super().weight_loader(layer, param, loaded, shard_id, dense)
-        cols = layer.input_size_per_partition
+        cols = layer.input_size  # the checkpoint's, all ranks'
         self._check("g_idx", loaded, (cols,), dtype=None)
         if loaded.is_floating_point() or loaded.is_complex():
             raise ValueError(f"GPTQ g_idx is {loaded.dtype}, expected an integer dtype")
         groups = self.groups(cols)
         if cols and (int(loaded.min()) < 0 or int(loaded.max()) >= groups):
             raise ValueError(f"GPTQ g_idx has groups outside [0, {groups}) (group_size {self.group_size})")
+        if is_row_split(layer):  # this rank's input rows; their groups counted from its first one
+            n, rank = layer.input_size_per_partition, layer.parallel.tp_rank
+            loaded = loaded.narrow(0, rank * n, n)
+            if self.split_groups(layer):
+                local = self.groups(n)
+                loaded = loaded - rank * local
+                if int(loaded.min()) < 0 or int(loaded.max()) >= local:
+                    raise ValueError(f"GPTQ g_idx puts input rows of rank {rank} in groups of another rank; "
+                                     "without desc_act the groups must follow the input order")
         if self._g_idx_from is None:
             param.data.copy_(loaded.to(torch.int32))
             self._g_idx_from = shard_id if shard_id is not None else "whole"
@@ -204,7 +229,10 @@ class GptqConfig(QuantConfig):
 
     def get_quant_method(self, layer, prefix, checkpoint_names):
         cols = layer.input_size_per_partition
+        check_input_split(layer, prefix, 32 // self.bits, f"{32 // self.bits} ({self.bits}-bit values packed per int32)")
         if cols % (32 // self.bits):
             raise ValueError(f"{prefix}: {cols} input features are not a multiple of {32 // self.bits} "
                              f"(GPTQ packs {32 // self.bits} {self.bits}-bit values per int32)")
-        return GptqMethod(self.bits, self.group_size)
+        if self.group_size != -1 and not self.desc_act:
+            check_input_split(layer, prefix, self.group_size, f"group_size {self.group_size}")
+        return GptqMethod(self.bits, self.group_size, self.desc_act)
