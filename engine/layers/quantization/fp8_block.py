@@ -104,4 +104,9 @@ class BlockFp8Method:
         return (layer.weight.to(scale.dtype) * per_weight).to(dtype)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.is_cuda and (self.input_args is None or self.input_args.dynamic):  # the Triton block-FP8 GEMMs
+            from pageant.engine.layers.quantization import gemm
+
+            return gemm.block_fp8_gemm(x, layer.weight, getattr(layer, self.scale_name), self.block, bias,
+                                       dynamic_per_group=self.input_args is not None)
         return act.linear(layer, self.input_args, x, self.dequantize(layer, x.dtype), bias)

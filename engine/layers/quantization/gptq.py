@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pageant.engine.layers.quantization import QuantConfig
