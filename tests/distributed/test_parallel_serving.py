@@ -86,3 +86,13 @@ def test_headless_refuses_node_zero(tiny_checkpoint):
                            "-tp", "2"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "--headless runs the ranks of a node other than node 0" in done.stderr
+
+
+def test_sigterm_stops_every_rank(serve):
+    server = serve("-tp", "2")
+    (worker,) = worker_processes(server.proc.pid)
+    assert server.stop() == 0  # SIGTERM: drain, then the workers are shut down
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(worker.pid) and worker.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
