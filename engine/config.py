@@ -46,6 +46,9 @@ class EngineConfig:
     seed: int = 0
     kv_cache_memory_gib: float = 1.0
     gpu_memory_utilization: float = 0.9
+    # KV-cache element type (vLLM's names): "auto" = the model dtype; "fp8" / "fp8_e4m3" = float8
+    # e4m3 with per-layer k/v scales from the checkpoint (else 1.0), 1 byte an element
+    kv_cache_dtype: str = "auto"
     attention_backend: str | None = None
     enable_prefix_caching: bool = False
     # CUDA graphs for decode-only steps (cuda + triton, LoRA off); True runs every step eagerly
@@ -104,6 +107,10 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_gib must be > 0")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        from pageant.engine.layers.attention import KV_CACHE_DTYPES
+
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         for name in ("max_loras", "max_lora_rank"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

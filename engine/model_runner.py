@@ -29,6 +29,7 @@ from pageant.engine.attention import AttentionMetadata
 from pageant.engine.config import EngineConfig, ModelConfig
 from pageant.engine.cuda_graph import DecodeGraphs
 from pageant.engine.distributed.topology import kv_heads_per_rank
+from pageant.engine.layers.attention import kv_cache_torch_dtype
 from pageant.engine.layers.parallel import SINGLE
 from pageant.engine.loader import build_dummy_model, load_model
 from pageant.engine.memory import MemoryProfile, kv_cache_budget_bytes, num_kv_blocks_for_budget
@@ -100,6 +101,7 @@ class ModelRunner:
         self.model_config = model_config
         self.device = dist.device if dist is not None else torch.device(config.device)
         self.dtype = _DTYPES[config.dtype]
+        self.kv_cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)  # float8_e4m3fn for "fp8"
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         max_position = max(max_model_len, model_config.max_position_embeddings)
@@ -120,7 +122,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         mc = model_config
         shape = (self.num_layers, 2, self.num_kv_blocks, self.block_size, self.num_kv_heads, mc.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_kv_blocks, self.block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
         self.graphs: DecodeGraphs | None = None
@@ -138,7 +140,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ sizing
     def bytes_per_block(self) -> int:
         mc = self.model_config
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_cache_dtype).element_size()  # 1 byte for an FP8 cache
         return self.num_layers * 2 * self.block_size * self.num_kv_heads * mc.head_dim * elem
 
     def _blocks_from_memory(self) -> int:
@@ -165,7 +167,7 @@ class ModelRunner:
         mc = self.model_config
         nb = -(-n // self.block_size)
         kv = torch.zeros((self.num_layers, 2, nb, self.block_size, self.num_kv_heads, mc.head_dim),
-                         dtype=self.dtype, device=self.device)
+                         dtype=self.kv_cache_dtype, device=self.device)
         md = AttentionMetadata(
             slot_mapping=torch.arange(n, device=self.device),
             query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
@@ -278,7 +280,8 @@ class ModelRunner:
         if host.blocks_to_copy:
             src = torch.tensor([s for s, _ in host.blocks_to_copy], device=self.device)
             dst = torch.tensor([d for _, d in host.blocks_to_copy], device=self.device)
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+            kv = self.kv_cache.view(torch.uint8) if self.kv_cache.element_size() == 1 else self.kv_cache  # fp8: bytes
+            kv[:, :, dst] = kv[:, :, src]
         if self.lora_manager is not None:  # every token's adapter slot, sequences back to back
             self.lora_manager.set_batch(list(host.lora_names), list(host.num_new_tokens))
         md = inp.attn_metadata

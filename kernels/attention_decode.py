@@ -20,6 +20,9 @@ Options (compile-time flags, so the plain kernel is unchanged; semantics in ``at
   the splits cut that window instead of the whole context (and the split count is sized by ``W``):
   pages before it are never read, a step costs the same, and no extra mask is needed.
 - ``logits_soft_cap`` ``c``: ``c * tanh(s / c)`` on the natural-log score ``s``, then base 2.
+- FP8 cache (``float8_e4m3fn``, ``FP8``): K/V tiles are loaded as bytes and converted to the
+  query's dtype in registers; ``k_scale`` folds into the score scale and ``v_scale`` multiplies the
+  output (the same math as dequantizing every element, without the per-element multiplies).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import triton
 import triton.language as tl
 
 from pageant.kernels.attention_masks import check_attention_options
+from pageant.kernels.cache_ops import kv_scale_args
 from pageant.kernels.triton_utils import (
     check_attention_shapes,
     check_device,
@@ -78,6 +82,8 @@ def _decode_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim] (written when not SPLIT_K)
     part_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] float32 (written when SPLIT_K)
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] float32, base-2 log-sum-exp
+    k_scale_ptr,  # [1] float32: an FP8 cache's dequantization scales (read with FP8 only)
+    v_scale_ptr,
     qk_scale,  # scale * log2(e); scale / soft_cap with SOFT_CAP
     cap_scale,  # soft_cap * log2(e) (used with SOFT_CAP only)
     window,  # sliding window in tokens (used with SLIDING only)
@@ -96,12 +102,16 @@ def _decode_kernel(
     SPLIT_K: tl.constexpr,  # num_splits > 1: write partial results for the reduce kernel
     SLIDING: tl.constexpr,  # only the last `window` positions are visible
     SOFT_CAP: tl.constexpr,  # scores soft-capped with tanh
+    FP8: tl.constexpr,  # the caches are float8 e4m3, holding k / k_scale and v / v_scale
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if FP8:  # q . (k_fp8 * k_scale) = (q . k_fp8) * k_scale; v_scale now (its live pointer spilled on sm_90)
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
     seq_len = tl.load(seq_lens_ptr + seq)
     if SLIDING:  # the query (position seq_len - 1) sees seq_len - window .. seq_len - 1
         lo = tl.maximum(seq_len - window, 0)
@@ -151,6 +161,8 @@ def _decode_kernel(
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # an empty split has l_i == 0 and acc == 0
     result = acc / l_safe[:, None]  # [BLOCK_H, BLOCK_D]
+    if FP8:  # sum_j p_j (v_fp8_j * v_scale) = v_scale * sum_j p_j v_fp8_j
+        result = result * v_scale
     out_mask = mask_h[:, None] & mask_d[None, :]
     if not SPLIT_K:
         dst = out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
@@ -222,18 +234,21 @@ def decode_attention(
     *,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """``paged_attention_decode`` with its launch knobs exposed (tests and benchmarks set them)."""
     sliding_window, logits_soft_cap = check_attention_options(sliding_window, logits_soft_cap)
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     check_attention_shapes(query, k_cache, v_cache)
+    fp8, k_scale, v_scale = kv_scale_args(k_cache, v_cache, k_scale, v_scale)
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or seq_lens.shape != (num_seqs,):
         raise ValueError("block_tables must be [num_seqs, max_blocks] and seq_lens [num_seqs]")
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if num_seqs == 0:
         return out
-    check_device(query, k_cache, v_cache, block_tables, seq_lens)
+    check_device(query, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale)
     query = last_dim_contiguous(query)
     block_tables, seq_lens = last_dim_contiguous(block_tables), seq_lens.contiguous()
     group = num_heads // num_kv_heads
@@ -253,7 +268,7 @@ def decode_attention(
     else:
         part_out = part_lse = out  # unused
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, k_scale, v_scale,
         *score_scales(scale, logits_soft_cap), sliding_window or 0, num_splits,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -262,7 +277,7 @@ def decode_attention(
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n, SPLIT_K=num_splits > 1,
-        SLIDING=sliding_window is not None, SOFT_CAP=logits_soft_cap is not None,
+        SLIDING=sliding_window is not None, SOFT_CAP=logits_soft_cap is not None, FP8=fp8,
         PRECISION=precision, UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages,
     )

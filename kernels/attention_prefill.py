@@ -24,6 +24,8 @@ Options (compile-time flags, so the plain kernel is unchanged; semantics in ``at
   tiles, then the diagonal ones (causal and window masks). A row may see nothing in a masked tile,
   so those steps keep the running max finite (the usual ``m == -inf`` guard).
 - ``logits_soft_cap`` ``c``: ``c * tanh(s / c)`` on the natural-log score ``s``, then base 2.
+- FP8 cache (``FP8``): as in decode, tiles are converted to the query's dtype in registers,
+  ``k_scale`` folds into the score scale and ``v_scale`` multiplies the output.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import triton.language as tl
 
 from pageant.kernels.attention_decode import score_scales, scaled_scores
 from pageant.kernels.attention_masks import check_attention_options
+from pageant.kernels.cache_ops import kv_scale_args
 from pageant.kernels.triton_utils import (
     check_attention_shapes,
     check_device,
@@ -117,6 +120,8 @@ def _prefill_kernel(
     query_start_loc_ptr,  # [num_seqs + 1] int32
     seq_lens_ptr,  # [num_seqs] int32
     out_ptr,  # [num_tokens, num_heads, head_dim]
+    k_scale_ptr,  # [1] float32: an FP8 cache's dequantization scales (read with FP8 only)
+    v_scale_ptr,
     qk_scale,  # scale * log2(e); scale / soft_cap with SOFT_CAP
     cap_scale,  # soft_cap * log2(e) (used with SOFT_CAP only)
     window,  # sliding window in tokens (used with SLIDING only)
@@ -135,6 +140,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,  # keys per step
     SLIDING: tl.constexpr,  # each query sees only the last `window` positions
     SOFT_CAP: tl.constexpr,  # scores soft-capped with tanh
+    FP8: tl.constexpr,  # the caches are float8 e4m3, holding k / k_scale and v / v_scale
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -149,6 +155,9 @@ def _prefill_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len  # positions cached before this step's queries
+    if FP8:  # q . (k_fp8 * k_scale) = (q . k_fp8) * k_scale; v_scale now, as in decode
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
 
     offs_m = tl.arange(0, BLOCK_M)
     q_idx = first_q + offs_m // GROUP  # [BLOCK_M] query index within the sequence
@@ -202,6 +211,8 @@ def _prefill_kernel(
         )
 
     result = acc / l_i[:, None]
+    if FP8:  # sum_j p_j (v_fp8_j * v_scale) = v_scale * sum_j p_j v_fp8_j
+        result = result * v_scale
     dst = out_ptr + (token * stride_ot + heads * stride_oh)[:, None] + offs_d[None, :]
     tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
@@ -221,6 +232,8 @@ def prefill_attention(
     *,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """``paged_attention_prefill`` with its launch knobs exposed (tests and benchmarks set them)."""
     sliding_window, logits_soft_cap = check_attention_options(sliding_window, logits_soft_cap)
@@ -228,12 +241,13 @@ def prefill_attention(
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
     check_attention_shapes(query, k_cache, v_cache)
+    fp8, k_scale, v_scale = kv_scale_args(k_cache, v_cache, k_scale, v_scale)
     if query_start_loc.shape != (num_seqs + 1,) or block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
         raise ValueError("expected query_start_loc [num_seqs + 1] and block_tables [num_seqs, max_blocks]")
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    check_device(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    check_device(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, k_scale, v_scale)
     query = last_dim_contiguous(query)
     block_tables, seq_lens = last_dim_contiguous(block_tables), seq_lens.contiguous()
     query_start_loc = query_start_loc.contiguous()
@@ -252,7 +266,7 @@ def prefill_attention(
     precision, upcast = dot_settings(query.dtype)
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _prefill_kernel[grid](
-        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
+        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, k_scale, v_scale,
         *score_scales(scale, logits_soft_cap), sliding_window or 0, num_seqs,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -261,7 +275,7 @@ def prefill_attention(
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
-        SLIDING=sliding_window is not None, SOFT_CAP=logits_soft_cap is not None,
+        SLIDING=sliding_window is not None, SOFT_CAP=logits_soft_cap is not None, FP8=fp8,
         PRECISION=precision, UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -44,7 +44,7 @@ KERNEL_MODULES = {
 }
 _TRITON_TYPES = {
     torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-    torch.int32: "i32", torch.int64: "i64",
+    torch.int32: "i32", torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv",
 }
 SASS_OPS = re.compile(r"\b((?:LDG|STG|LDGSTS|LDL|STL|HMMA|HGMMA|UTMALDG)[.\w]*)")
 
@@ -205,6 +205,7 @@ def standard_launches() -> list[Launch]:
         with record_launches(launches, f"fused_add_rms_norm {tag} 4096"):
             triton_ops.fused_add_rms_norm(x, x, torch.zeros(4096, dtype=dtype), 1e-5)
     launches += _gemma2_and_mixtral_launches()
+    launches += fp8_kv_launches()
     return launches
 
 
@@ -230,6 +231,36 @@ def _gemma2_and_mixtral_launches() -> list[Launch]:
     return launches
 
 
+def fp8_kv_launches() -> list[Launch]:
+    """The attention and cache-write launches of a Llama-3.1-8B shape (32/8 heads, head_dim 128) and
+    Gemma 2's windowed, soft-capped d256 one over an FP8 (``float8_e4m3fn``) KV cache, with bf16 and
+    fp32 queries (labels start with "fp8-kv")."""
+    launches: list[Launch] = []
+    fp8, scale = torch.float8_e4m3fn, torch.ones(())
+    tables, lens = torch.zeros(4, 512, dtype=torch.int32), torch.full((4,), 1000, dtype=torch.int32)
+    qsl = torch.tensor([0, 300, 301, 700, 1000], dtype=torch.int32)
+    shapes = [(torch.bfloat16, 32, 8, 128, {}), (torch.float32, 32, 8, 128, {}),
+              (torch.bfloat16, 16, 8, 256, {"sliding_window": 4096, "logits_soft_cap": 50.0})]
+    for dtype, heads, kv_heads, head_dim, opts in shapes:
+        tag = f"{_TRITON_TYPES[dtype]} h{heads}/{kv_heads} d{head_dim}" + (" window+cap" if opts else "")
+        cache = torch.zeros(64, 16, kv_heads, head_dim, dtype=fp8)
+        scales = {"k_scale": scale, "v_scale": scale}
+        with record_launches(launches, f"fp8-kv decode {tag}"):
+            triton_ops.paged_attention_decode(torch.zeros(4, heads, head_dim, dtype=dtype), cache, cache, tables, lens,
+                                              0.1, **opts, **scales)
+        with record_launches(launches, f"fp8-kv decode split-K {tag}"):
+            attention_decode.decode_attention(torch.zeros(4, heads, head_dim, dtype=dtype), cache, cache, tables, lens,
+                                              0.1, num_splits=8, **opts, **scales)
+        with record_launches(launches, f"fp8-kv prefill {tag}"):
+            triton_ops.paged_attention_prefill(torch.zeros(1000, heads, head_dim, dtype=dtype), cache, cache, tables,
+                                               qsl, lens, 0.1, **opts, **scales)
+        if not opts:
+            kv = torch.zeros(8, kv_heads, head_dim, dtype=dtype)
+            with record_launches(launches, f"fp8-kv reshape_and_cache {tag}"):
+                triton_ops.reshape_and_cache(kv, kv, cache, cache, torch.zeros(8, dtype=torch.int64), **scales)
+    return launches
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="compile the kernels' standard launches for a GPU target")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
@@ -249,3 +280,89 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- quantized GEMMs (kernels/quant_gemm.py) --------------------------------------------------------
+# Kept out of ``standard_launches`` (its kernel set is pinned by tests/kernels/test_compile_sm90.py):
+#
+#     python -c "import sys; from pageant.kernels.compile_check import quant_main; sys.exit(quant_main())"
+#
+# (``--json`` as for ``main``). Definitions sit after the ``__main__`` guard, so ``python -m`` of this
+# module is unchanged.
+
+from pageant.kernels import quant_gemm  # noqa: E402
+
+KERNEL_MODULES[quant_gemm] = ("_dequant_gemm_kernel", "_group_quant_fp8_kernel", "_w8a8_block_fp8_kernel")
+_TRITON_TYPES.update({torch.float8_e4m3fn: "fp8e4nv", torch.uint8: "u8", torch.int8: "i8"})
+
+
+def quant_gemm_launches() -> list[tuple[Launch, int]]:
+    """(launch, arch) for Llama-3.1-8B-shaped quantized linear layers in bf16 (hidden 4096, q/k/v
+    6144, gate/up 2 x 14336, down 14336 -> 4096) at decode (4 tokens) and prefill (512 tokens):
+    W4A16 group 128 (compressed-tensors, GPTQ, act-order g_idx), W4A16 group 32, W8A16 channel,
+    FP8 weight-only per channel and 128 x 128 blocks (also for sm_80, its pre-FP8 fallback),
+    dynamic FP8 activation quantization per 128-group and per token, and the block-FP8 W8A8 GEMM."""
+    launches: list[tuple[Launch, int]] = []
+    bf16 = torch.bfloat16
+
+    def add(label: str, fn, *args, arch: int = 90, **kwargs) -> None:
+        found: list[Launch] = []
+        with record_launches(found, label):
+            fn(*args, **kwargs)
+        launches.extend((launch, arch) for launch in found)
+
+    def int_weight(n: int, k: int, bits: int, groups: int, dtype=bf16):
+        return (torch.empty(n, k * bits // 32, dtype=torch.int32), torch.empty(n, groups, dtype=dtype))
+
+    x_dec, x_pre = torch.zeros(4, 4096, dtype=bf16), torch.zeros(512, 4096, dtype=bf16)
+    x_down = torch.zeros(4, 14336, dtype=bf16)
+    qw, s = int_weight(28672, 4096, 4, 32)
+    add("w4a16 g128 ct bf16 gate_up t4", quant_gemm.dequant_gemm, x_dec, qw, s, bits=4, group_size=128, zero_offset=8)
+    qw, s = int_weight(6144, 4096, 4, 32)
+    z = torch.empty(6144, 32, dtype=torch.uint8)
+    add("w4a16 g128 gptq bf16 qkv t512", quant_gemm.dequant_gemm, x_pre, qw, s, bits=4, group_size=128, zeros=z)
+    for dtype, tag, tokens in ((torch.float16, "fp16", 4), (torch.float32, "fp32", 512)):
+        qw, s = int_weight(6144, 4096, 4, 32, dtype)
+        add(f"w4a16 g128 gptq {tag} qkv t{tokens}", quant_gemm.dequant_gemm,
+            torch.zeros(tokens, 4096, dtype=dtype), qw, s, bits=4, group_size=128, zeros=z)
+    qw, s = int_weight(6144, 4096, 4, 128)
+    add("w4a16 g32 gptq bf16 qkv t512", quant_gemm.dequant_gemm, x_pre, qw, s, bits=4, group_size=32,
+        zeros=torch.empty(6144, 128, dtype=torch.uint8))
+    qw, s = int_weight(4096, 14336, 4, 112)
+    add("w4a16 act-order bf16 down t4", quant_gemm.dequant_gemm, x_down, qw, s, bits=4, group_size=128,
+        zeros=torch.empty(4096, 112, dtype=torch.uint8), g_idx=torch.zeros(14336, dtype=torch.int32))
+    qw, s = int_weight(4096, 14336, 8, 1)
+    add("w8a16 channel ct bf16 down t4", quant_gemm.dequant_gemm, x_down, qw, s, bits=8, group_size=-1,
+        zero_offset=128)
+    w = torch.empty(28672, 4096, dtype=torch.float8_e4m3fn)
+    for arch in (90, 80):
+        add(f"fp8 w8a16 channel bf16 gate_up t4 sm{arch}", quant_gemm.fp8_w8a16_gemm, x_dec, w,
+            torch.empty(28672, 1, dtype=bf16), arch=arch)
+    w_down, bs_down = torch.empty(4096, 14336, dtype=torch.float8_e4m3fn), torch.empty(32, 112)
+    add("fp8 w8a16 block128 bf16 down t512", quant_gemm.fp8_w8a16_gemm, torch.zeros(512, 14336, dtype=bf16), w_down,
+        bs_down, block_size=(128, 128))
+    add("fp8 group quant 128 bf16 t512", quant_gemm.per_token_group_quant_fp8, x_pre, 128)
+    add("fp8 token quant bf16 down t4", quant_gemm.per_token_group_quant_fp8, x_down, 14336)
+    for tokens in (4, 512):
+        xq, xs = torch.empty(tokens, 14336, dtype=torch.float8_e4m3fn), torch.empty(tokens, 112)
+        add(f"w8a8 block128 fp8 bf16 down t{tokens}", quant_gemm.w8a8_block_fp8_matmul, xq, xs, w_down, bs_down,
+            (128, 128), out_dtype=bf16)
+    return launches
+
+
+def quant_main(argv=None) -> int:
+    """``main`` for ``quant_gemm_launches`` (each at its own arch)."""
+    parser = argparse.ArgumentParser(description="compile the quantized-GEMM kernels' launches for GPU targets")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    results = [compile_launch(launch, arch) for launch, arch in quant_gemm_launches()]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) | {"vector_global_loads": r.vector_global_loads,
+                                                   "tensor_core_ops": r.tensor_core_ops} for r in results]))
+        return 0
+    print(f"{'launch':<40} {'kernel':<26} {'sm':>3} {'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} {'smem':>6} "
+          f"{'ld128':>5} {'mma':>4}")
+    for r in results:
+        print(f"{r.label:<40} {r.kernel:<26} {r.arch:>3} {r.num_warps:>5} {r.num_stages:>6} {r.registers:>4}"
+              f" {r.stack_bytes:>5} {r.shared_bytes:>6} {r.vector_global_loads:>5} {r.tensor_core_ops:>4}")
+    return 0

@@ -2,6 +2,11 @@
 
 Every function here has a Triton twin in ``pageant.kernels.triton_ops`` with the same signature.
 See the package docstring for the KV-cache layout.
+
+FP8 KV cache: a ``float8_e4m3fn`` cache holds ``x / scale`` (``k_scale`` / ``v_scale``: float32
+one-element tensors, None meaning 1.0), clamped to the e4m3 range (+-448, so a too-large value
+saturates instead of becoming NaN) and rounded to nearest even; reads multiply by the scale again.
+Other caches ignore the scales (vLLM's "auto").
 """
 
 from __future__ import annotations
@@ -12,6 +17,19 @@ import torch.nn.functional as F
 from pageant.kernels.attention_masks import check_attention_options, visible_keys
 from pageant.kernels.moe_reference import fused_moe, select_experts  # noqa: F401
 
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:  # same shape, float8_e4m3fn
+    """``x / scale`` in float32, clamped to +-448, rounded to the nearest e4m3 value (ties to even)."""
+    x32 = x.float() if scale is None else x.float() / scale
+    return x32.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _to_cache(x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return quantize_fp8(x, scale) if cache.dtype == FP8_DTYPE else x.to(cache.dtype)
+
 
 def reshape_and_cache(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -19,25 +37,37 @@ def reshape_and_cache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; a negative slot means "do not write"
+    *,
+    k_scale: torch.Tensor | None = None,  # [] or [1] float32: an FP8 cache holds key / k_scale
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Write each token's key and value into its slot of the paged cache (in place)."""
+    """Write each token's key and value into its slot of the paged cache (in place); an FP8 cache
+    gets them quantized (see the module docstring)."""
     num_blocks, block_size = k_cache.shape[:2]
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     k_flat = k_cache.view(num_blocks * block_size, *k_cache.shape[2:])  # [num_slots, kvh, d]
     v_flat = v_cache.view(num_blocks * block_size, *v_cache.shape[2:])
-    k_flat.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_flat.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    k_new, v_new = _to_cache(key, k_cache, k_scale), _to_cache(value, v_cache, v_scale)
+    if k_cache.dtype == FP8_DTYPE:  # index_copy_ has no float8 kernel: copy the bytes
+        k_flat, v_flat, k_new, v_new = (t.view(torch.uint8) for t in (k_flat, v_flat, k_new, v_new))
+    k_flat.index_copy_(0, slot_mapping, k_new)
+    v_flat.index_copy_(0, slot_mapping, v_new)
 
 
 def _gather_context(
     cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     block_table: torch.Tensor,  # [num_seqs, num_blocks_needed] int32
+    scale: torch.Tensor | None = None,  # an FP8 cache's dequantization scale (None: 1.0)
 ) -> torch.Tensor:  # [num_seqs, num_blocks_needed * block_size, num_kv_heads, head_dim]
+    """The sequences' pages in order; an FP8 cache's come back dequantized, in float32."""
     num_seqs, nb = block_table.shape
     rows = cache.view(cache.shape[0], -1).index_select(0, block_table.reshape(-1).long())  # one copy
-    return rows.view(num_seqs, nb * cache.shape[1], *cache.shape[2:])
+    rows = rows.view(num_seqs, nb * cache.shape[1], *cache.shape[2:])
+    if cache.dtype == FP8_DTYPE:
+        rows = rows.float() if scale is None else rows.float() * scale
+    return rows
 
 
 # Decode groups: sequences sorted by length are split where the length falls below this fraction of
@@ -88,14 +118,16 @@ def _decode_dense(
     scale: float,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     num_seqs, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     nb = (max_seq_len + block_size - 1) // block_size
     num_ctx = nb * block_size
     # one gather each, then views: [s, t, kvh, d] -> [s, kvh, t, d] (no copy)
-    k = _gather_context(k_cache, block_tables[:, :nb]).transpose(1, 2)
-    v = _gather_context(v_cache, block_tables[:, :nb]).transpose(1, 2)
+    k = _gather_context(k_cache, block_tables[:, :nb], k_scale).transpose(1, 2)
+    v = _gather_context(v_cache, block_tables[:, :nb], v_scale).transpose(1, 2)
     # the `group` query heads sharing a KV head act as `group` query rows of that head
     q = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [s, kvh, g, d]
     positions = torch.arange(num_ctx, device=query.device)  # [t]
@@ -121,6 +153,8 @@ def paged_attention_decode(
     *,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: torch.Tensor | None = None,  # FP8 cache only: dequantization scales (None: 1.0)
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """One query token per sequence attending to its whole cached context (GQA aware).
 
@@ -128,9 +162,11 @@ def paged_attention_decode(
     once and runs one masked SDPA, padded only to the group's longest context. A sequence with
     ``seq_len`` 0 gets zeros (as the Triton kernel does for padding rows). ``sliding_window`` and
     ``logits_soft_cap`` (see ``pageant.kernels.attention_masks``) switch to explicit float32 scores.
+    An FP8 cache is read dequantized (``k_scale`` / ``v_scale``).
     """
     sliding_window, logits_soft_cap = check_attention_options(sliding_window, logits_soft_cap)
-    options = {"sliding_window": sliding_window, "logits_soft_cap": logits_soft_cap}
+    options = {"sliding_window": sliding_window, "logits_soft_cap": logits_soft_cap,
+               "k_scale": k_scale, "v_scale": v_scale}
     num_seqs = query.shape[0]
     if num_seqs == 0:
         return query.new_empty(query.shape)
@@ -164,11 +200,14 @@ def paged_attention_prefill(
     *,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: torch.Tensor | None = None,  # FP8 cache only: dequantization scales (None: 1.0)
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Many query tokens per sequence: causal attention over cached prefix pages plus new tokens.
 
     With ``sliding_window`` or ``logits_soft_cap`` (see ``pageant.kernels.attention_masks``) the
     scores are explicit float32 and only the pages from the first query's window start are read.
+    An FP8 cache is read dequantized (``k_scale`` / ``v_scale``), then cast to the query's dtype.
     """
     sliding_window, logits_soft_cap = check_attention_options(sliding_window, logits_soft_cap)
     explicit = sliding_window is not None or logits_soft_cap is not None
@@ -186,8 +225,9 @@ def paged_attention_prefill(
         nb = (seq_len + block_size - 1) // block_size
         # pages before the first query's window hold no visible key: skip them (b0 = 0 without a window)
         b0 = 0 if sliding_window is None else max(0, seq_len - q_len - sliding_window + 1) // block_size
-        k = _gather_context(k_cache, block_tables[i : i + 1, b0:nb])[0, : seq_len - b0 * block_size]  # [t, kvh, d]
-        v = _gather_context(v_cache, block_tables[i : i + 1, b0:nb])[0, : seq_len - b0 * block_size]
+        pages, t = block_tables[i : i + 1, b0:nb], seq_len - b0 * block_size
+        k = _gather_context(k_cache, pages, k_scale)[0, :t]  # [t, kvh, d]
+        v = _gather_context(v_cache, pages, v_scale)[0, :t]
         q = query[q_start:q_end].transpose(0, 1)  # [h, q_len, d]
         k = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [h, t, d]
         v = v.transpose(0, 1).repeat_interleave(group, dim=0)

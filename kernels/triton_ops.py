@@ -3,7 +3,7 @@
 Each function validates shapes on the host (without reading device data, so no sync) and launches
 its kernel; see the kernel modules for the work split of each one:
 
-- ``cache_ops``: ``reshape_and_cache``
+- ``cache_ops``: ``reshape_and_cache`` (an FP8 cache gets ``k / k_scale``, ``v / v_scale`` in e4m3)
 - ``attention_decode``: ``paged_attention_decode`` (GQA-packed, split-K + reduce)
 - ``attention_prefill``: ``paged_attention_prefill`` (causal, cached prefix + new tokens)
 - ``norm_ops``: ``rms_norm``, ``fused_add_rms_norm``
@@ -46,11 +46,15 @@ def paged_attention_decode(
     *,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: torch.Tensor | None = None,  # FP8 cache only: dequantization scales (None: 1.0)
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """One query token per sequence attending to its whole cached context (GQA aware), or to its
-    last ``sliding_window`` positions; scores soft-capped by ``logits_soft_cap`` (see ``attention_masks``)."""
+    last ``sliding_window`` positions; scores soft-capped by ``logits_soft_cap`` (see ``attention_masks``);
+    an FP8 cache is read through ``k_scale`` / ``v_scale``."""
     return decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale,
-                            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+                            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                            k_scale=k_scale, v_scale=v_scale)
 
 
 def paged_attention_prefill(
@@ -64,8 +68,12 @@ def paged_attention_prefill(
     *,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: torch.Tensor | None = None,  # FP8 cache only: dequantization scales (None: 1.0)
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Many query tokens per sequence: causal attention over cached prefix pages plus new tokens,
-    optionally windowed and soft-capped (``sliding_window``, ``logits_soft_cap``: see ``attention_masks``)."""
+    optionally windowed and soft-capped (``sliding_window``, ``logits_soft_cap``: see ``attention_masks``);
+    an FP8 cache is read through ``k_scale`` / ``v_scale``."""
     return prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                             sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+                             sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                             k_scale=k_scale, v_scale=v_scale)

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from pageant.engine.layers.attention import find_attention, kv_scale_target
 from pageant.engine.layers.parallel import PPMissingLayer
 
 Stacked = tuple[tuple[str, str, object], ...]
@@ -51,6 +52,9 @@ def load_stacked(
             if renamed is SKIP:
                 continue
             name, tensor, *given = renamed  # a 3-tuple also names the parameter's shard
+        if not given and (kv_scale := kv_scale_target(name)) is not None:  # an attention layer's k/v_scale
+            _load_kv_scale(modules, elsewhere, name, tensor, *kv_scale)
+            continue
         target, shard = name, None
         if given:
             shard = given[0]
@@ -79,6 +83,21 @@ def load_stacked(
         else:
             loaded.add(target if shard is None else f"{target}:{shard}")
     return loaded
+
+
+def _load_kv_scale(modules: dict[str, nn.Module], elsewhere: tuple[str, ...], name: str, tensor: torch.Tensor,
+                   path: str, scales: tuple[str, ...]) -> None:
+    """A KV-cache scale (see ``kv_scale_target``) into the ``Attention`` layer at ``path``."""
+    attn = find_attention(modules, path)
+    if attn is None:
+        if elsewhere and f"{path}.".startswith(elsewhere):  # another pipeline stage's layer
+            return
+        raise ValueError(f"unexpected KV-cache scale {name!r} (no attention layer at {path!r} in the model)")
+    for scale in scales:  # none for query / probability scales, which FP8 attention math would use
+        try:
+            attn.load_kv_scale(scale, tensor)
+        except ValueError as exc:
+            raise ValueError(f"weight {name!r}: {exc}") from None
 
 
 def _shard_ids(owner: nn.Module, param_name: str) -> tuple | None:

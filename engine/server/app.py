@@ -108,7 +108,8 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
 
     ecfg = engine.config
     cache_config = {"block_size": str(getattr(ecfg, "block_size", "")), "num_gpu_blocks": str(getattr(ecfg, "num_kv_blocks", "")),
-                    "enable_prefix_caching": str(bool(getattr(ecfg, "enable_prefix_caching", False)))}
+                    "enable_prefix_caching": str(bool(getattr(ecfg, "enable_prefix_caching", False))),
+                    "cache_dtype": str(getattr(ecfg, "kv_cache_dtype", "auto"))}
     metrics = ServerMetrics(names[0], async_engine.stats, lora_info, cache_config)
     async_engine.metrics = metrics
     max_model_len = int(engine.config.max_model_len)

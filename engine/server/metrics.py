@@ -62,12 +62,14 @@ class _EngineStatsCollector(Collector):
         yield gauge("pageant:num_kv_blocks", "KV-cache blocks in the pool.", stats.get("num_kv_blocks"))
         yield gauge("pageant:num_free_kv_blocks", "KV-cache blocks not held by any request.",
                     stats.get("num_free_kv_blocks"))
+        # vLLM's CacheConfig fields as labels; cache_dtype as configured ("auto", "fp8", "fp8_e4m3")
         info = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV cache configuration.",
-                                 labels=["model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching"])
+                                 labels=["model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching",
+                                         "cache_dtype"])
         cfg = self.cache_config
         info.add_metric([self.model_name, str(cfg.get("block_size", stats.get("block_size", ""))),
                          str(cfg.get("num_gpu_blocks", stats.get("num_kv_blocks", ""))),
-                         str(cfg.get("enable_prefix_caching", False))], 1.0)
+                         str(cfg.get("enable_prefix_caching", False)), str(cfg.get("cache_dtype", "auto"))], 1.0)
         yield info
         lora = self.get_lora_info()
         lora_info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on LoRA requests.",

@@ -66,7 +66,9 @@ def test_hub_id_offline_mode_is_clear(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--tensor-parallel-size", "2"], "only 1 is supported"),
+    (["--tensor-parallel-size", "0"], "--tensor-parallel-size must be >= 1"),
+    (["-pp", "0"], "--pipeline-parallel-size must be >= 1"),
+    (["-tp", "2", "--nnodes", "2", "--master-port", "0"], "master_port must be a TCP port"),
     (["--model", "./no/such/dir"], "no such directory"),
     (["--max-num-seqs", "0"], "--max-num-seqs must be >= 1"),
     (["--lora-modules", "broken"], "expected NAME=PATH"),
