@@ -150,12 +150,16 @@ class CompressedTensorsConfig(QuantConfig):
         status = qcfg.get("quantization_status", "compressed")
         if status not in ("compressed", "frozen"):
             raise ValueError(f"compressed-tensors checkpoint has quantization_status {status!r}; expected 'compressed'")
-        if qcfg.get("kv_cache_scheme"):
-            raise ValueError("compressed-tensors kv_cache_scheme (FP8 KV cache) is not supported yet")
+        kv = qcfg.get("kv_cache_scheme")
+        if kv:  # the k/v scales load into the attention layers; kv_cache_dtype="fp8" uses them
+            if (kv.get("type"), kv.get("num_bits"), kv.get("strategy", "tensor"), kv.get("dynamic", False)) != \
+                    ("float", 8, "tensor", False):
+                raise ValueError(f"compressed-tensors kv_cache_scheme {kv} is not supported; supported: FP8 "
+                                 "(type float, num_bits 8) with static per-tensor scales")
         if qcfg.get("sparsity_config") or qcfg.get("transform_config"):
             raise ValueError("compressed-tensors sparsity / transform configs are not supported")
         groups_cfg = qcfg.get("config_groups") or {}
-        if not groups_cfg:
+        if not groups_cfg and not kv:
             raise ValueError("compressed-tensors quantization_config has no config_groups")
         groups = [(list(g.get("targets") or []), Scheme.from_config(n, g, qcfg.get("format")))
                   for n, g in groups_cfg.items()]
