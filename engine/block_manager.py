@@ -196,6 +196,14 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached_blocks = 0
 
+    def trim(self, seq: Sequence) -> None:
+        """Release the blocks past those holding ``seq.num_computed_tokens`` tokens (speculative
+        decoding: the slots of rejected proposals; such blocks were allocated this step, so they are
+        private and were never registered in the cache)."""
+        keep = self.blocks_for_tokens(seq.num_computed_tokens)
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
+
     def check_invariants(self) -> None:
         """Raise ``RuntimeError`` if the bookkeeping is inconsistent (for tests and debugging)."""
         free, lru = set(self._free), set(self._evictable)

@@ -73,6 +73,10 @@ class EngineConfig:
     # weight quantization (vLLM's names): None detects the checkpoint's quantization_config
     # (compressed-tensors); "fp8" quantizes a float checkpoint's linear weights to FP8 on load
     quantization: str | None = None
+    # speculative decoding (vLLM's keys, see pageant.engine.spec_decode.config): {"method": "ngram" |
+    # "draft_model", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+    # "disable_by_batch_size"}; None: off
+    speculative_config: dict[str, Any] | None = None
     # parallelism (see pageant.engine.distributed): tensor_parallel_size x pipeline_parallel_size
     # ranks, one worker process each (gloo on the CPU, NCCL on CUDA), spread over nnodes nodes;
     # this process is node node_rank; the rendezvous is master_addr:master_port (None: the
@@ -138,6 +142,15 @@ class EngineConfig:
                 raise ValueError(f"unsupported quantization {self.quantization!r}; supported: "
                                  f"{', '.join(SUPPORTED_QUANTIZATION)} (or None to detect the checkpoint's)")
         self._check_parallel()
+        if self.speculative_config is not None:
+            from pageant.engine.spec_decode.config import SpeculativeConfig
+
+            SpeculativeConfig.from_dict(self.speculative_config)
+            if self.world_size > 1:
+                raise ValueError("speculative decoding (speculative_config) runs on one process: it does not support "
+                                 "tensor_parallel_size or pipeline_parallel_size > 1")
+            if self.runner == "pooling":
+                raise ValueError("speculative_config applies to text generation, not runner='pooling'")
         if self.attention_backend not in (None, "torch", "triton"):
             raise ValueError(f"attention_backend must be 'torch' or 'triton', got {self.attention_backend!r}")
 

@@ -23,7 +23,6 @@ from pageant.engine.config import EngineConfig, ModelConfig, resolve_max_model_l
 from pageant.engine.exceptions import EngineStepError, InvalidRequestError
 from pageant.engine.loader import resolve_model_path
 from pageant.engine.lora import LoRARequest
-from pageant.engine.model_runner import ModelRunner
 from pageant.engine.output_processor import OutputProcessor
 from pageant.engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestMetrics, RequestOutput
 from pageant.engine.pooling import (PoolingParams, PoolingState, matryoshka_dimensions, new_pooling_state, pool_step,
@@ -34,6 +33,8 @@ from pageant.engine.sampler import SamplingBatch, sample
 from pageant.engine.sampling_params import SamplingParams
 from pageant.engine.scheduler import Scheduler
 from pageant.engine.sequence import Request, make_generator
+from pageant.engine.spec_decode import target_runner_class
+from pageant.engine.spec_decode.decoder import SpecDecoder
 from pageant.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -73,8 +74,8 @@ class LLMEngine:
 
             self.runner = DistributedRunner(config, model_config, path, backend, max_model_len, self.lora_manager)
         else:
-            self.runner = ModelRunner(config, model_config, path, pageant.kernels.get_ops(backend), max_model_len,
-                                      self.lora_manager)
+            self.runner = target_runner_class(config)(config, model_config, path, pageant.kernels.get_ops(backend),
+                                                      max_model_len, self.lora_manager)
         self.config = dataclasses.replace(
             config, max_model_len=max_model_len, num_kv_blocks=self.runner.num_kv_blocks, attention_backend=backend
         )
@@ -95,6 +96,8 @@ class LLMEngine:
         self.pooler = resolve_pooler_config(path, config.pooler_config) if config.runner == "pooling" else None
         self.matryoshka_dimensions = matryoshka_dimensions(model_config.raw)
         self._structured: StructuredOutputManager | None = None  # made on the first constrained request
+        self.spec_decode = (SpecDecoder.build(self, pageant.kernels.get_ops(backend))  # speculative decoding
+                            if config.speculative_config is not None else None)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "LLMEngine":
@@ -267,19 +270,25 @@ class LLMEngine:
         token or finished. On a model/sampling failure, frees that batch's requests and raises
         ``EngineStepError`` naming them."""
         dropped = self._drop_failed_grammars() if self._structured is not None else []
-        so = self.scheduler.schedule()
+        so = self.spec_decode.schedule(self.scheduler) if self.spec_decode is not None else self.scheduler.schedule()
         if so.is_empty:
             return dropped
         rows = [seq for seq, _ in so.sample_rows]
+        spec = self.spec_decode if self.spec_decode is not None and self.spec_decode.speculating(so) else None
         try:
+            if spec is not None:
+                spec.draft(so, self.generator)  # the draft model fills its proposals (n-gram: no-op)
             inp = self.runner.prepare(so)
             # host -> device copies of the sampling inputs before the forward is queued, so they do
             # not wait for it; the only sync of the step is the sampler reading the tokens back
-            batch = SamplingBatch.build(rows, self.vocab_size, self.runner.device) if rows else None
-            mask = self._structured.bitmask(rows) if self._structured is not None and rows else None
+            batch = SamplingBatch.build(rows, self.vocab_size, self.runner.device) if rows and spec is None else None
+            mask = self._structured.bitmask(rows) if self._structured is not None and batch is not None else None
             out = self.runner.execute(so, inp)
-            sampled = sample(out.logits, batch, self.generator, mask) if rows else None
-            completed = self._structured.accept(rows, sampled.token_ids) if mask is not None else []
+            if spec is not None:  # several tokens per row: verification (rejection sampling)
+                sampled, completed = spec.verify(so, out.logits, self.vocab_size, self.generator, self._structured)
+            else:
+                sampled = sample(out.logits, batch, self.generator, mask) if rows else None
+                completed = self._structured.accept(rows, sampled.token_ids) if mask is not None else []
             pooled = pool_step(so.scheduled, out.hidden, self.scheduler) if out.hidden is not None else []
         except Exception as exc:
             self.block_manager.uncache(so.cached_blocks)  # their KV may never have been written
@@ -302,7 +311,8 @@ class LLMEngine:
                 self._release_lora(request)
             results.append(EmbeddingRequestOutput(request.request_id, list(request.prompt_token_ids),
                                                   EmbeddingOutput(request.pooling.embedding), True, request.metrics))
-        touched = self.outputs.process_samples(so, sampled, self.scheduler) if rows else []
+        touched = spec.apply(self, so, sampled) if spec is not None else (
+            self.outputs.process_samples(so, sampled, self.scheduler) if rows else [])
         for seq in completed:  # the constraint is complete: the request ends as at a stop
             if seq.finish_reason is None:
                 self.outputs._finish(seq, "stop", None)  # (all its text is shown)
@@ -403,5 +413,6 @@ class LLMEngine:
             "running_lora_adapters": sorted(running_loras),
             "waiting_lora_adapters": sorted(waiting_loras),
             "max_lora": self.config.max_loras if self.config.enable_lora else 0,
+            **(self.spec_decode.stats.as_dict() if self.spec_decode is not None else {}),
         }
 

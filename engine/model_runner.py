@@ -82,7 +82,7 @@ class ModelOutput:
     """Logits for the sample rows (float32), per prompt-logprob span its logits, and (when the
     step has embedding requests) the final hidden state of every token for their pooling."""
 
-    logits: torch.Tensor  # [num_sample_rows, vocab]
+    logits: torch.Tensor  # [num_sample_rows (+ proposals verified), vocab]
     prompt_logits: torch.Tensor | None  # [num_prompt_positions, vocab]
     hidden: torch.Tensor | None = None  # [num_tokens, hidden]
 
@@ -211,15 +211,19 @@ class ModelRunner:
         seq_lens = starts + q_lens
         positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(cu[:-1] - starts, q_lens)
         input_ids: list[int] = []
-        for s in sched:
-            input_ids.extend(s.seq.token_ids[s.start : s.start + s.num_new_tokens])
+        for s in sched:  # known tokens, then any speculative proposals after them
+            input_ids.extend(s.seq.token_ids[s.start : s.start + s.num_new_tokens - len(s.spec_token_ids)])
+            input_ids.extend(s.spec_token_ids)
         width = max(len(s.seq.block_table) for s in sched)
         block_tables = np.zeros((len(sched), width), dtype=np.int32)
         for i, s in enumerate(sched):
             block_tables[i, : len(s.seq.block_table)] = s.seq.block_table
         seq_index = np.repeat(np.arange(len(sched)), q_lens)
         slot_mapping = block_tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
-        logits_indices = np.array([cu[idx + 1] - 1 for _, idx in so.sample_rows], dtype=np.int64)
+        # one row per sample row; a row verifying k proposals gets the k + 1 positions ending its query
+        logits_indices = np.array([j for _, idx in so.sample_rows
+                                   for j in range(cu[idx + 1] - 1 - len(sched[idx].spec_token_ids), cu[idx + 1])],
+                                  dtype=np.int64)
 
         prompt_idx: list[np.ndarray] = []
         prompt_tgt: list[int] = []

@@ -71,21 +71,29 @@ class OutputProcessor:
         now = time.time()
         touched: dict[str, Request] = {}
         for row, (seq, _) in enumerate(so.sample_rows):
-            token = sampled.token_ids[row]
-            seq.token_ids.append(token)
-            seq.cumulative_logprob += sampled.logprobs[row]
-            if seq.logprobs is not None:
-                top = sampled.top[row] or ([], [])
-                seq.logprobs.append(self._logprob_dict(top[0], top[1], token, sampled.logprobs[row], sampled.ranks[row]))
-            request = seq.request
-            if request.metrics.first_token_time is None:
-                request.metrics.first_token_time = now
-            request.metrics.last_token_time = now
-            self._check_stop(seq, token)
-            if seq.finish_reason is not None:
-                scheduler.finish(seq)
-            touched[request.request_id] = request
+            self.append_token(seq, sampled.token_ids[row], sampled.logprobs[row], sampled.ranks[row],
+                              sampled.top[row], now, scheduler)
+            touched[seq.request_id] = seq.request
         return list(touched.values())
+
+    def append_token(self, seq: Sequence, token: int, logprob: float, rank: int | None,
+                     top: tuple[list[int], list[float]] | None, now: float, scheduler: Scheduler) -> bool:
+        """Append one sampled token and apply the stop rules (a finished sequence leaves the
+        scheduler at once); True when the sequence finished."""
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        if seq.logprobs is not None:
+            top = top or ([], [])
+            seq.logprobs.append(self._logprob_dict(top[0], top[1], token, logprob, rank))
+        request = seq.request
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        request.metrics.last_token_time = now
+        self._check_stop(seq, token)
+        if seq.finish_reason is not None:
+            scheduler.finish(seq)
+            return True
+        return False
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.request.params

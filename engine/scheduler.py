@@ -43,6 +43,9 @@ class ScheduledSeq:
     start: int
     num_new_tokens: int
     sample: bool  # this step reaches the end of its known tokens: sample the next one
+    # speculative decoding: proposed tokens computed after the last known one (verified, then
+    # accepted or rejected, by this step's sampling); ``num_new_tokens`` counts them too
+    spec_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -104,6 +107,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.draft_num_computed = 0  # the draft model's KV went with the blocks
         self.num_preemptions += 1
         self._enqueue(seq)
 
@@ -121,6 +125,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0 and len(chosen) < self.max_num_seqs:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            # a decode with proposals (speculative decoding) computes them too, as budget and pool
+            # allow (proposals never preempt anyone)
+            spec = seq.spec_token_ids[: budget - 1] if seq.num_tokens - seq.num_computed_tokens == 1 else []
+            if spec and not bm.can_allocate(seq, 1 + len(spec)):
+                spec = []
+            num_new += len(spec)
             while not bm.can_allocate(seq, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -129,7 +139,7 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break
-            self._take(seq, num_new, chosen, copies, newly_cached)
+            self._take(seq, num_new, chosen, copies, newly_cached, spec)
             budget -= num_new
             i += 1
 
@@ -188,12 +198,15 @@ class Scheduler:
         return self.block_manager.lookup(seq)
 
     def _take(self, seq: Sequence, num_new: int, chosen: list[ScheduledSeq], copies: list[tuple[int, int]],
-              newly_cached: list[int]) -> None:
+              newly_cached: list[int], spec: list[int] = ()) -> None:
         copies += self.block_manager.allocate(seq, num_new)
         start = seq.num_computed_tokens
-        seq.num_computed_tokens += num_new
+        # proposals are not known tokens: only the verified ones are counted computed (and cached),
+        # after sampling (see pageant.engine.spec_decode)
+        seq.num_computed_tokens += num_new - len(spec)
         newly_cached += self.block_manager.cache_blocks(seq)
-        chosen.append(ScheduledSeq(seq, start, num_new, sample=seq.num_computed_tokens == seq.num_tokens))
+        chosen.append(ScheduledSeq(seq, start, num_new, sample=seq.num_computed_tokens == seq.num_tokens,
+                                   spec_token_ids=list(spec)))
         if seq.request.metrics.first_scheduled_time is None:
             seq.request.metrics.first_scheduled_time = time.time()
 

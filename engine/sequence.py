@@ -58,6 +58,10 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     output_text_len: int = 0  # how much of ``text`` may be shown (the rest may start a stop string)
+    # speculative decoding (pageant.engine.spec_decode): this step's proposed next tokens, and how
+    # many leading positions have the draft model's KV in its pool (reset by preemption)
+    spec_token_ids: list[int] = field(default_factory=list)
+    draft_num_computed: int = 0
     # the counter orders sequences that arrived at the same time (FCFS tie-break)
     order: int = field(default_factory=lambda: next(_counter))
 

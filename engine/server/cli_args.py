@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--structured-outputs-config", default=None, metavar="JSON",
                    help='structured outputs, e.g. \'{"backend": "auto", "disable_any_whitespace": false}\' '
                         "(backend auto, xgrammar or guidance; None: auto)")
+    r.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s keys, e.g. \'{"method": "ngram", "num_speculative_tokens": 3, '
+                        '"prompt_lookup_max": 4}\' or \'{"model": "path/to/draft", "num_speculative_tokens": 3}\' '
+                        "(also prompt_lookup_min, disable_by_batch_size; None: off)")
     r.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='parse tool calls out of the model\'s text when tool_choice is "auto" (needs --tool-call-parser)')
     r.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral", "pythonic"], default=None,
@@ -214,6 +218,8 @@ def engine_kwargs(args: argparse.Namespace, model_dir: str | None = None) -> dic
         structured["reasoning_parser"] = args.reasoning_parser
     if structured:
         kwargs["structured_outputs_config"] = structured
+    if getattr(args, "speculative_config", None) is not None:
+        kwargs["speculative_config"] = _json_flag("--speculative-config", args.speculative_config)
     if args.enable_lora:
         kwargs.update(enable_lora=True, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                       max_cpu_loras=args.max_cpu_loras, allowed_lora_root=args.allowed_lora_root)

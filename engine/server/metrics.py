@@ -87,6 +87,18 @@ class _EngineStatsCollector(Collector):
                       stats.get("prefix_cache_queries"))
         yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
                       stats.get("prefix_cache_hits"))
+        if "spec_decode_num_drafts" in stats:  # speculative decoding is on (vLLM's spec-decode counters)
+            yield counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.",
+                          stats["spec_decode_num_drafts"])
+            yield counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.",
+                          stats["spec_decode_num_draft_tokens"])
+            yield counter("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+                          stats["spec_decode_num_accepted_tokens"])
+            per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                          "Accepted tokens per draft position.", labels=["model_name", "position"])
+            for pos, n in enumerate(stats.get("spec_decode_num_accepted_tokens_per_pos", ())):
+                per_pos.add_metric([self.model_name, str(pos)], float(n))
+            yield per_pos
 
 
 class ServerMetrics:

@@ -22,5 +22,6 @@ def test_parallel_benchmark_smoke(tmp_path):
     result = json.loads(result_file.read_text())
     assert result["greedy_outputs_identical"] is True
     assert set(result["runs"]) == {"tp1 (2 threads)", "tp2 (2 ranks x 1 thread)", "tp1 (1 thread)"}
-    assert all(r["output_tokens"] == 9 and r["cpu_ms_per_token"] > 0 for r in result["runs"].values())
+    # (CPU time is counted in 10 ms ticks: a run this small may count none)
+    assert all(r["output_tokens"] == 9 and r["cpu_ms_per_token"] >= 0 for r in result["runs"].values())
     assert result["ratio_to_tp1"]["tp1 (2 threads)"] == 1.0

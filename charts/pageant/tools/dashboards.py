@@ -106,6 +106,15 @@ ENGINE_PANELS: tuple[Panel, ...] = (
                f"max={{{{max_lora}}}}"),
     ), "dateTimeFromNow", "Adapters with running / waiting requests (labels of vllm:lora_requests_info; the "
        "value is when the set last changed).", width=24, kind="table"),
+    Panel("Speculative decoding", row=True),
+    Panel("Speculative decoding acceptance rate", (
+        Target(f"sum by ({BY}) (rate(vllm:spec_decode_num_accepted_tokens_total{{{SEL}}}[$__rate_interval]))"
+               f" / sum by ({BY}) (rate(vllm:spec_decode_num_draft_tokens_total{{{SEL}}}[$__rate_interval]))"),
+    ), "percentunit", "Accepted proposed tokens / proposed tokens (engines started with --speculative-config)."),
+    Panel("Speculative decoding mean acceptance length", (
+        Target(f"1 + sum by ({BY}) (rate(vllm:spec_decode_num_accepted_tokens_total{{{SEL}}}[$__rate_interval]))"
+               f" / sum by ({BY}) (rate(vllm:spec_decode_num_drafts_total{{{SEL}}}[$__rate_interval]))"),
+    ), "short", "Tokens a verifying step emits per request: 1 + accepted tokens / drafts."),
 )
 
 OPERATOR_PANELS: tuple[Panel, ...] = (
