@@ -77,6 +77,8 @@ class EngineConfig:
     # "draft_model", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
     # "disable_by_batch_size"}; None: off
     speculative_config: dict[str, Any] | None = None
+    # vision-language models (vLLM's name): at most this many items per prompt, e.g. {"image": 4}
+    limit_mm_per_prompt: dict[str, int] | None = None
     # parallelism (see pageant.engine.distributed): tensor_parallel_size x pipeline_parallel_size
     # ranks, one worker process each (gloo on the CPU, NCCL on CUDA), spread over nnodes nodes;
     # this process is node node_rank; the rendezvous is master_addr:master_port (None: the
@@ -142,6 +144,10 @@ class EngineConfig:
                 raise ValueError(f"unsupported quantization {self.quantization!r}; supported: "
                                  f"{', '.join(SUPPORTED_QUANTIZATION)} (or None to detect the checkpoint's)")
         self._check_parallel()
+        mm = self.limit_mm_per_prompt
+        if mm is not None and (not isinstance(mm, dict) or set(mm) - {"image"} or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in mm.values())):
+            raise ValueError(f"limit_mm_per_prompt must be a dict like {{'image': 4}} (counts >= 0), got {mm!r}")
         if self.speculative_config is not None:
             from pageant.engine.spec_decode.config import SpeculativeConfig
 

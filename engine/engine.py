@@ -22,6 +22,7 @@ from pageant.engine.block_manager import BlockManager
 from pageant.engine.config import EngineConfig, ModelConfig, resolve_max_model_len
 from pageant.engine.exceptions import EngineStepError, InvalidRequestError
 from pageant.engine.loader import resolve_model_path
+from pageant.engine.multimodal.processor import make_processor, prompt_inputs
 from pageant.engine.lora import LoRARequest
 from pageant.engine.output_processor import OutputProcessor
 from pageant.engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestMetrics, RequestOutput
@@ -95,6 +96,7 @@ class LLMEngine:
         self.embedding_requests_total = 0
         self.pooler = resolve_pooler_config(path, config.pooler_config) if config.runner == "pooling" else None
         self.matryoshka_dimensions = matryoshka_dimensions(model_config.raw)
+        self.mm_processor = make_processor(path, model_config, config)  # None: a text-only model
         self._structured: StructuredOutputManager | None = None  # made on the first constrained request
         self.spec_decode = (SpecDecoder.build(self, pageant.kernels.get_ops(backend))  # speculative decoding
                             if config.speculative_config is not None else None)
@@ -147,7 +149,8 @@ class LLMEngine:
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise InvalidRequestError("cache_salt must be a non-empty string if provided")
         lora_name = self._lora_name(lora_request)
-        text, ids = self._prompt_ids(prompt)
+        mm_inputs = prompt_inputs(self.mm_processor, prompt)  # images: expanded ids + items (None: text only)
+        text, ids = self._prompt_ids(prompt) if mm_inputs is None else (prompt.get("prompt"), mm_inputs.prompt_token_ids)
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         limit = self.config.max_model_len
@@ -187,6 +190,7 @@ class LLMEngine:
             cache_root=root_hash(self._lora_identities.get(lora_name), cache_salt),
             pooling=pooling,
             grammar=self._grammar_state(params),
+            mm_inputs=mm_inputs,
         )
         request.new_sequence(0, list(ids), make_generator(params.seed, 0, self.runner.device))
         if lora_name is not None:

@@ -33,6 +33,8 @@ from pageant.engine.layers.attention import kv_cache_torch_dtype
 from pageant.engine.layers.parallel import SINGLE
 from pageant.engine.loader import build_dummy_model, load_model
 from pageant.engine.memory import MemoryProfile, kv_cache_budget_bytes, num_kv_blocks_for_budget
+from pageant.engine.multimodal.encoder_cache import EncoderCache, MultiModalBatch
+from pageant.engine.multimodal.encoder_cache import build_batch as build_mm_batch
 from pageant.engine.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class HostInput:
     lora_names: tuple[str | None, ...] | None  # per sequence (None: LoRA off)
     num_new_tokens: tuple[int, ...]  # per sequence
     pooling: bool  # some sequence is an embedding request: keep the hidden states
+    mm: MultiModalBatch | None = None  # image features to merge / M-RoPE positions (None: text only)
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_kv_blocks, self.block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+        # vision-language models: image features by content hash (pageant.engine.multimodal)
+        self.encoder_cache = EncoderCache() if getattr(self.model, "supports_multimodal", False) else None
         self.graphs: DecodeGraphs | None = None
         if self.uses_cuda_graphs(ops):
             self.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, self.max_blocks_per_seq,
@@ -248,6 +253,7 @@ class ModelRunner:
             lora_names=tuple(s.seq.request.lora_name for s in sched) if self.lora_manager is not None else None,
             num_new_tokens=tuple(int(n) for n in q_lens),
             pooling=any(s.seq.request.pooling is not None for s in sched),
+            mm=build_mm_batch(sched, cu, positions) if self.encoder_cache is not None else None,
         )
 
     def to_device(self, host: HostInput) -> ModelInput:
@@ -290,14 +296,17 @@ class ModelRunner:
             self.lora_manager.set_batch(list(host.lora_names), list(host.num_new_tokens))
         md = inp.attn_metadata
         if (self.graphs is not None and md.num_decode_seqs == md.num_seqs and inp.prompt_logits_indices is None
-                and not host.pooling and self.graphs.can_run(md.num_seqs)):
+                and not host.pooling and host.mm is None and self.graphs.can_run(md.num_seqs)):
             padded = self.graphs.run(inp.input_ids, inp.positions, md)  # [padded_size, vocab]
             return ModelOutput(logits=padded.index_select(0, inp.logits_indices), prompt_logits=None)
         extra = ()
         if not self.parallel.is_first_stage:  # the previous stage's stream
             extra = (self.dist.recv_intermediate(inp.input_ids.shape[0], self.model_config.hidden_size, self.dtype,
                                                  self.model.intermediate_keys),)
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, md, *extra)  # [num_tokens, hidden]
+        positions, mm_kwargs = inp.positions, {}
+        if host.mm is not None:  # images in this step: encoder (or its cache), features over the embeddings
+            positions, mm_kwargs = self.encoder_cache.forward_inputs(self.model, inp.input_ids, positions, host.mm)
+        hidden = self.model(inp.input_ids, positions, self.kv_cache, md, *extra, **mm_kwargs)  # [num_tokens, hidden]
         if not self.parallel.is_last_stage:
             self.dist.send_intermediate(hidden, self.model.intermediate_keys)
             return None

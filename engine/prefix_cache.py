@@ -41,9 +41,10 @@ def root_hash(adapter_identity: bytes | None = None, cache_salt: str | None = No
 BASE_ROOT = root_hash()
 
 
-def hash_block(parent: bytes, token_ids: Seq[int]) -> bytes:
-    """The hash of one full block given its parent's hash (or the request's root)."""
-    return hashlib.sha256(parent + struct.pack(f"<{len(token_ids)}q", *token_ids)).digest()
+def hash_block(parent: bytes, token_ids: Seq[int], extra: bytes = b"") -> bytes:
+    """The hash of one full block given its parent's hash (or the request's root); ``extra``: the
+    content hashes of the images whose placeholder tokens the block holds (see multimodal/inputs.py)."""
+    return hashlib.sha256(parent + struct.pack(f"<{len(token_ids)}q", *token_ids) + extra).digest()
 
 
 def extend_block_hashes(seq: "Sequence", block_size: int, num_blocks: int) -> list[bytes]:
@@ -54,9 +55,10 @@ def extend_block_hashes(seq: "Sequence", block_size: int, num_blocks: int) -> li
         if num_blocks * block_size > seq.num_tokens:
             raise ValueError(f"sequence has {seq.num_tokens} tokens, fewer than {num_blocks} full blocks")
         parent = hashes[-1] if hashes else seq.request.cache_root
-        tokens = seq.token_ids
+        tokens, mm = seq.token_ids, seq.request.mm_inputs
         for i in range(len(hashes), num_blocks):
-            parent = hash_block(parent, tokens[i * block_size : (i + 1) * block_size])
+            extra = mm.block_key(i * block_size, (i + 1) * block_size) if mm is not None else b""
+            parent = hash_block(parent, tokens[i * block_size : (i + 1) * block_size], extra)
             hashes.append(parent)
     return hashes
 

@@ -17,6 +17,7 @@ import torch
 from pageant.engine.outputs import Logprob, RequestMetrics
 from pageant.engine.pooling import PoolingState
 from pageant.engine.structured_outputs.manager import GrammarState
+from pageant.engine.multimodal.inputs import MultiModalInputs
 from pageant.engine.prefix_cache import BASE_ROOT
 from pageant.engine.sampling_params import SamplingParams
 
@@ -113,6 +114,7 @@ class Request:
     cache_root: bytes = BASE_ROOT  # parent hash of the first block: adapter identity + cache_salt
     pooling: "PoolingState | None" = None  # an embedding request (prefill only, never samples)
     grammar: "GrammarState | None" = None  # structured outputs: the compiled constraint and matchers
+    mm_inputs: "MultiModalInputs | None" = None  # images (pageant.engine.multimodal): features, hashes, M-RoPE
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -171,3 +171,36 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x32[..., 0::2], x32[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # [n, h, rd / 2, 2]
         return out.flatten(-2).to(x.dtype)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """M-RoPE (Qwen2-VL): the ``rotary_dim / 2`` frequencies are cut into ``mrope_section`` chunks;
+    chunk ``i`` rotates by the position on axis ``i % 3`` (temporal, height, width). ``positions``
+    ``[3, num_tokens]`` select them; 1-D positions (text only: the same on every axis) are plain RoPE."""
+
+    def __init__(self, head_dim: int, rotary_dim: int, max_position: int, rope: RopeConfig, ops: ModuleType,
+                 mrope_section: tuple[int, ...], **kwargs):
+        super().__init__(head_dim, rotary_dim, max_position, rope, ops, **kwargs)
+        if sum(mrope_section) != rotary_dim // 2:
+            raise ValueError(f"mrope_section {list(mrope_section)} must sum to rotary_dim / 2 = {rotary_dim // 2}")
+        self.mrope_section = tuple(mrope_section)
+
+    def forward(self, positions: torch.Tensor,  # [num_tokens] or [3, num_tokens]
+                q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().forward(positions, q, k)
+        half = self.rotary_dim // 2
+        table = self.cos_sin_cache[positions]  # [3, num_tokens, rotary_dim]
+        chunks, start = [], 0
+        for i, n in enumerate(self.mrope_section):
+            chunks.append((i % 3, start, start + n))
+            start += n
+        cos = torch.cat([table[a, :, s:e] for a, s, e in chunks], dim=-1)  # [num_tokens, rotary_dim / 2]
+        sin = torch.cat([table[a, :, half + s : half + e] for a, s, e in chunks], dim=-1)
+        per_token = torch.cat((cos, sin), dim=-1).contiguous()  # [num_tokens, rotary_dim]: a table row per token
+        rows = torch.arange(positions.shape[1], device=positions.device)
+        if self.rotary_dim == self.head_dim:
+            return self.ops.rotary_embedding(rows, q, k, per_token)
+        q_rot, k_rot = self.ops.rotary_embedding(rows, q[..., : self.rotary_dim].contiguous(),
+                                                 k[..., : self.rotary_dim].contiguous(), per_token)
+        return (torch.cat((q_rot, q[..., self.rotary_dim:]), dim=-1), torch.cat((k_rot, k[..., self.rotary_dim:]), dim=-1))

@@ -17,6 +17,8 @@ MODELS: dict[str, tuple[str, str, str]] = {
     "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM", "mixtral"),
     "Gemma2ForCausalLM": ("gemma2", "Gemma2ForCausalLM", "gemma2"),
     "Phi3ForCausalLM": ("phi3", "Phi3ForCausalLM", "phi3"),
+    "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration", "llava"),
+    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLForConditionalGeneration", "qwen2_vl"),
 }
 SUPPORTED_ARCHITECTURES = tuple(sorted(MODELS))
 

@@ -271,6 +271,9 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
         if body.messages is not None:
             if not body.messages:
                 raise APIError(400, "messages must not be empty", param="messages")
+            if any(isinstance(m.content, list) and any(c.type == "image_url" for c in m.content) for m in body.messages):
+                raise APIError(400, "/tokenize does not take image_url content parts (an image's token count comes "
+                                    "from the model's processor); send text only", param="messages")
             ids = await tokenizer.achat_ids(body.messages, body.add_generation_prompt)
         else:
             ids = await tokenizer.aencode(body.prompt, add_special_tokens=body.add_special_tokens)

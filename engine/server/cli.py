@@ -297,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         app = build_app(engine, config)
         serving = app.state.serving
         serving.default_sampling_params = sampling_defaults
+        if args.allowed_media_domains:  # http(s) image URLs from these hosts (pageant.engine.multimodal.media)
+            from pageant.engine.multimodal.media import MediaLimits
+
+            serving.media = MediaLimits(allowed_domains=tuple(args.allowed_media_domains))
         if chat_template is not None:
             serving.tokenizer.chat_template = chat_template
         try:

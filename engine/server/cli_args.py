@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--structured-outputs-config", default=None, metavar="JSON",
                    help='structured outputs, e.g. \'{"backend": "auto", "disable_any_whitespace": false}\' '
                         "(backend auto, xgrammar or guidance; None: auto)")
+    r.add_argument("--limit-mm-per-prompt", default=None, metavar="JSON",
+                   help='vision-language models: most images per prompt, e.g. \'{"image": 4}\' (None: 16)')
+    r.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
+                   help="hosts whose http(s) image URLs the server fetches (None: only data: URLs are accepted)")
     r.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, vLLM\'s keys, e.g. \'{"method": "ngram", "num_speculative_tokens": 3, '
                         '"prompt_lookup_max": 4}\' or \'{"model": "path/to/draft", "num_speculative_tokens": 3}\' '
@@ -218,6 +222,8 @@ def engine_kwargs(args: argparse.Namespace, model_dir: str | None = None) -> dic
         structured["reasoning_parser"] = args.reasoning_parser
     if structured:
         kwargs["structured_outputs_config"] = structured
+    if getattr(args, "limit_mm_per_prompt", None) is not None:
+        kwargs["limit_mm_per_prompt"] = _json_flag("--limit-mm-per-prompt", args.limit_mm_per_prompt)
     if getattr(args, "speculative_config", None) is not None:
         kwargs["speculative_config"] = _json_flag("--speculative-config", args.speculative_config)
     if args.enable_lora:

@@ -102,6 +102,18 @@ class TextContentPart(_Request):
     text: StrictStr
 
 
+class ImageURL(_Request):
+    url: StrictStr  # a data: URL (PNG, JPEG, WebP), or http(s) from --allowed-media-domains
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the model's processor decides the size
+
+
+class ImageURLContentPart(_Request):
+    """An image in a chat message (vision-language models, see ``pageant.engine.multimodal``)."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class FunctionCall(_Request):
     name: StrictStr
     arguments: StrictStr  # a JSON object, as a string (OpenAI's encoding)
@@ -117,7 +129,7 @@ class ToolCallIn(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextContentPart] | None = None
+    content: StrictStr | list[TextContentPart | ImageURLContentPart] | None = None
     name: StrictStr | None = None
     tool_calls: list[ToolCallIn] | None = None  # assistant messages
     tool_call_id: StrictStr | None = None  # tool messages: which call this is the result of

@@ -152,7 +152,8 @@ class OpenAIServing:
         try:
             for i, ids in enumerate(prompts):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                handles.append(await self.engine.open(rid, {"prompt_token_ids": ids}, params, priority=priority,
+                prompt = ids if isinstance(ids, dict) else {"prompt_token_ids": ids}  # a dict: with images
+                handles.append(await self.engine.open(rid, prompt, params, priority=priority,
                                                       admission=admission, **engine_kwargs))
         except AdapterGoneError as exc:
             for h in handles:

@@ -15,6 +15,8 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from pageant.engine.multimodal.chat import chat_prompt, image_urls
+from pageant.engine.multimodal.media import MediaLimits
 from pageant.engine.server import protocol as p
 from pageant.engine.server import serving_beam
 from pageant.engine.server.chat_tools import ChoiceOutput, plan_tools
@@ -44,6 +46,9 @@ async def chat(serving, body: p.ChatCompletionRequest, raw: Request) -> Response
         constraint = plan.constraint
         await serving._constraint(body, constraint)
     admission = serving.admit(1, body.n)
+    if body.use_beam_search and image_urls(body.messages):
+        admission.release()
+        raise APIError(400, "use_beam_search does not support image inputs", param="use_beam_search")
     if body.use_beam_search:
         try:
             ids = await serving.tokenizer.achat_ids(body.messages, body.add_generation_prompt, plan.tools)
@@ -51,7 +56,11 @@ async def chat(serving, body: p.ChatCompletionRequest, raw: Request) -> Response
             admission.release()
         return await serving_beam.run(serving, body, raw, [ids], model, engine_kwargs, "chat")
     try:  # tokenizing runs off the event loop; the admission holds the request's place meanwhile
-        ids = await serving.tokenizer.achat_ids(body.messages, body.add_generation_prompt, plan.tools)
+        prompt = ids = None
+        if image_urls(body.messages):  # decoded, templated and processed here: bad images never reach the engine
+            prompt, ids = await _image_prompt(serving, body, plan.tools)
+        else:
+            ids = await serving.tokenizer.achat_ids(body.messages, body.add_generation_prompt, plan.tools)
         check_prompt_ids(ids, serving.limits, param="messages")
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = serving._cap_max_tokens(resolve_max_tokens(requested, None, len(ids), serving.limits))
@@ -60,7 +69,7 @@ async def chat(serving, body: p.ChatCompletionRequest, raw: Request) -> Response
         params.structured_outputs = constraint
         request_id = p.random_id("chatcmpl")
         serving._log(request_id, ids, params, len(ids), engine_kwargs.get("lora_request"))
-        handles = await serving._open_all(request_id, [ids], params, body.priority, engine_kwargs, admission)
+        handles = await serving._open_all(request_id, [prompt or ids], params, body.priority, engine_kwargs, admission)
     finally:
         admission.release()
     created = int(time.time())
@@ -135,6 +144,17 @@ async def _chat_events(serving, handles, request_id, created, model, num_prompt,
         usage = p.UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion_tokens,
                             total_tokens=num_prompt + completion_tokens)
         yield chunk([], usage)
+
+
+async def _image_prompt(serving, body: p.ChatCompletionRequest, tools) -> tuple[dict, list[int]]:
+    """The engine prompt of a conversation with images (``pageant.engine.multimodal.chat``), or a 400."""
+    processor = getattr(serving.engine.engine, "mm_processor", None)
+    limits = getattr(serving, "media", None) or MediaLimits()
+    try:
+        return await serving.tokenizer.run(chat_prompt, serving.tokenizer, processor, body.messages,
+                                           body.add_generation_prompt, tools, limits, p.TextContentPart)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="messages") from None
 
 
 def _merge(a: p.DeltaMessage | None, b: p.DeltaMessage) -> p.DeltaMessage:

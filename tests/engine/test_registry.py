@@ -20,7 +20,7 @@ SP = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
 
 def test_readme_table_lists_exactly_the_registry():
-    rows = re.findall(r"^\| `(\w+ForCausalLM)` \|", README.read_text(), flags=re.M)
+    rows = re.findall(r"^\| `(\w+For(?:CausalLM|ConditionalGeneration))` \|", README.read_text(), flags=re.M)
     assert sorted(rows) == sorted(SUPPORTED_ARCHITECTURES)
 
 

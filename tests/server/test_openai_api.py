@@ -200,8 +200,8 @@ BAD_REQUESTS = [
     ("prompt + max_tokens over context", "/v1/completions", {"prompt": _long_prompt(200), "max_tokens": 200}, 400),
     ("empty messages", "/v1/chat/completions", {"messages": []}, 422),
     ("bad role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 422),
-    ("image part", "/v1/chat/completions",
-     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 422),
+    ("image part", "/v1/chat/completions",  # a text-only model: 400 (pageant.engine.multimodal)
+     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400),
     ("stream_options without stream", "/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400),
     ("tokenize nothing", "/tokenize", {}, 400),
     ("detokenize out of vocab", "/detokenize", {"tokens": [-1]}, 400),
