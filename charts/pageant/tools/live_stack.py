@@ -133,12 +133,14 @@ def engine_metric(port: int, name: str, model: str) -> float:
 
 
 def start_engine(model: pathlib.Path | str, name: str, port: int, log: pathlib.Path) -> subprocess.Popen:
-    """`pageant serve` on CPU with two sequences per batch, so a dozen clients overload it."""
+    """`pageant serve` on CPU with two sequences per batch, so a dozen clients overload it; n-gram
+    speculative decoding on, so the dashboards' acceptance panels have data."""
     cmd = [sys.executable, "-m", "pageant.cli", "serve", "--model", str(model), "--served-model-name", name,
            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32", "--seed", "0",
            "--max-num-seqs", "2", "--max-queued-requests", "256", "--num-kv-blocks", "32", "--block-size", "16",
            "--enable-prefix-caching", "--disable-log-requests", "--uvicorn-log-level", "warning",
-           "--shutdown-timeout", "5"]
+           "--shutdown-timeout", "5", "--speculative-config",
+           '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 3}']
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
