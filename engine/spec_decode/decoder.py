@@ -11,13 +11,17 @@ right there); a sequence that goes on counts the accepted tokens computed, relea
 the rejected ones (``BlockManager.trim``) and registers its now full blocks in the prefix cache.
 Nothing about a rejected token survives the step.
 
-Requests with structured outputs, and embedding requests, never speculate (they decode one token
-per step as without speculation); everything else (penalties, logit_bias, min_tokens, logprobs,
+Requests with structured outputs speculate too: each verified position is masked by the grammar's
+state after the proposals before it (the matcher walks them and rolls back), the accepted run
+advances the matcher, and a run that completes the constraint ends the request there ("stop"). A
+request whose constraint starts after a reasoning section speculates once it is constrained.
+Embedding requests never speculate; everything else (penalties, logit_bias, min_tokens, logprobs,
 LoRA, n > 1, seeds) does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -27,7 +31,7 @@ from pageant.engine.scheduler import Scheduler, SchedulerOutput
 from pageant.engine.spec_decode.config import SpeculativeConfig
 from pageant.engine.spec_decode.metrics import SpecDecodingStats
 from pageant.engine.spec_decode.ngram import NgramProposer
-from pageant.engine.spec_decode.verify import SpecView, VerifiedRow, verify
+from pageant.engine.spec_decode.verify import VerifiedRow, verify
 
 if TYPE_CHECKING:
     from pageant.engine.engine import LLMEngine
@@ -64,8 +68,9 @@ class SpecDecoder:
         for seq in scheduler.running:
             seq.spec_token_ids = []
             request = seq.request
-            if (not enabled or seq.num_tokens - seq.num_computed_tokens != 1 or request.grammar is not None
-                    or request.pooling is not None):
+            grammar = request.grammar  # constrained: once its matcher runs (not inside a reasoning section)
+            if (not enabled or seq.num_tokens - seq.num_computed_tokens != 1 or request.pooling is not None
+                    or (grammar is not None and grammar.reasoning_end is not None and seq.index not in grammar.matchers)):
                 continue
             # never past max_tokens or the context: this step emits at most k + 1 tokens
             k = min(self.config.num_speculative_tokens, request.params.max_tokens - seq.num_output_tokens - 1,
@@ -96,14 +101,19 @@ class SpecDecoder:
         """Each sample row's emitted tokens; and the constrained sequences whose grammar completed."""
         seqs = [seq for seq, _ in so.sample_rows]
         drafts = [so.scheduled[idx].spec_token_ids for _, idx in so.sample_rows]
-        mask = None
-        if structured is not None:  # constrained rows have no proposals: one flat row each
-            flat = [v for seq, d in zip(seqs, drafts)
-                    for v in [seq, *(SpecView(seq, d[:j]) for j in range(1, len(d) + 1))]]
-            mask = structured.bitmask(flat)
+        mask = structured.bitmask_proposals(seqs, drafts) if structured is not None else None
         probs = [self._draft_probs.get(id(seq)) for seq in seqs] if self._draft_probs else None
         rows = verify(logits, seqs, drafts, vocab_size, generator, mask, probs)
-        completed = structured.accept(seqs, [r.token_ids[0] for r in rows]) if mask is not None else []
+        completed = []
+        if mask is not None:  # advance the matchers; a run that completes its constraint ends there
+            for i, (seq, row) in enumerate(zip(seqs, rows)):
+                end = structured.accept_run(seq, row.token_ids)
+                if end is not None:
+                    completed.append(seq)
+                    n = end + 1
+                    rows[i] = dataclasses.replace(row, token_ids=row.token_ids[:n], logprobs=row.logprobs[:n],
+                                                  ranks=row.ranks[:n], top=row.top[:n],
+                                                  num_accepted=min(row.num_accepted, n - 1))
         return rows, completed
 
     def apply(self, engine: "LLMEngine", so: SchedulerOutput, rows: list[VerifiedRow]) -> list:

@@ -85,6 +85,10 @@ class XGrammarMatcher:
     def accept(self, token: int) -> bool:
         return self.m.accept_token(token)
 
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens:
+            self.m.rollback(num_tokens)
+
     @property
     def terminated(self) -> bool:
         return self.m.is_terminated()
@@ -138,6 +142,10 @@ class GuidanceMatcher:
 
     def accept(self, token: int) -> bool:
         return bool(self.m.consume_token(token))
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens:
+            self.m.rollback(num_tokens)
 
     @property
     def terminated(self) -> bool:

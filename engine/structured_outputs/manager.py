@@ -132,6 +132,47 @@ class StructuredOutputManager:
             seq.request.grammar.matcher(seq.index).fill(mask, i)
         return mask
 
+    def bitmask_proposals(self, seqs: list, drafts: list[list[int]]) -> torch.Tensor | None:
+        """Speculative decoding: the mask of every verified position, rows laid out as the verifier's
+        (per sequence its current state, then the state after each of its first 1..k proposals).
+        Each matcher walks its proposals and is rolled back; a row after a proposal the grammar
+        refuses (or after the grammar ends) is never reached (that proposal cannot be accepted)."""
+        if not any(s.request.grammar is not None and s.request.grammar.active(s) for s in seqs):
+            return None
+        mask = torch.full((sum(1 + len(d) for d in drafts), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        row = 0
+        for seq, draft in zip(seqs, drafts):
+            grammar = seq.request.grammar
+            if grammar is not None and grammar.active(seq):
+                matcher = grammar.matcher(seq.index)
+                matcher.fill(mask, row)
+                walked = 0
+                for j, token in enumerate(draft):
+                    allowed = (int(mask[row + j, token // 32]) >> (token % 32)) & 1  # by the mask just filled
+                    # (a refused token is never offered: llguidance's matcher would not roll back from it)
+                    if matcher.terminated or not allowed or not matcher.accept(token):
+                        break
+                    walked += 1
+                    if not matcher.terminated:
+                        matcher.fill(mask, row + j + 1)
+                matcher.rollback(walked)
+            row += 1 + len(draft)
+        return mask
+
+    def accept_run(self, seq, tokens: list[int]) -> int | None:
+        """Advance ``seq``'s matcher over an accepted run; the index of the token that completed the
+        constraint (the run ends there), else None."""
+        grammar = seq.request.grammar
+        if grammar is None or not grammar.active(seq):
+            return None
+        matcher = grammar.matcher(seq.index)
+        for i, token in enumerate(tokens):
+            if not matcher.accept(token):
+                raise RuntimeError(f"token {token} was sampled outside the structured-output mask")
+            if matcher.terminated:
+                return i
+        return None
+
     def accept(self, seqs: list, tokens: list[int]) -> list:
         """Advance each constrained sequence's matcher; the sequences whose constraint is complete."""
         done = []

@@ -1,6 +1,6 @@
 """Speculative decoding with the rest of the engine: stop tokens, stop strings and max_tokens inside
 an accepted run, logprobs of the emitted tokens, penalties, seeded sampling, several tokens per
-step, aborts, LoRA, structured outputs (no speculation for constrained requests), metrics, CLI."""
+step, aborts, LoRA, structured outputs (masked per verified position), metrics, CLI."""
 
 from __future__ import annotations
 
@@ -124,21 +124,35 @@ def test_lora_requests_speculate_exactly(tiny_checkpoint, make_adapter):
     assert_clean(spec)
 
 
-def test_constrained_requests_decode_without_proposals(pair):
-    spec, plain = pair
-    before = spec.stats()["spec_decode_num_drafts"]
-    so = StructuredOutputsParams(regex="(ab|cd){2,6}", disable_any_whitespace=True)
-    sp = SamplingParams(temperature=0, max_tokens=12, structured_outputs=so)
-    got, want = outputs(spec, prompts(2, seed=6), sp), outputs(plain, prompts(2, seed=6), sp)
-    assert [c.text for c in got] == [c.text for c in want]
-    assert spec.stats()["spec_decode_num_drafts"] == before
-    # mixed with free requests that do speculate: the constrained rows take their mask in the same steps
-    free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    mixed = [sp, free, sp, free]
-    got, want = outputs(spec, prompts(4, seed=8), mixed), outputs(plain, prompts(4, seed=8), mixed)
-    assert [(c.text, c.token_ids) for c in got] == [(c.text, c.token_ids) for c in want]
-    assert spec.stats()["spec_decode_num_drafts"] > before
-    assert_clean(spec)
+@pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
+def test_constrained_requests_speculate_exactly(tiny_checkpoint, backend):
+    """Each verified position is masked by the grammar after the proposals before it; outputs
+    equal plain constrained decoding, proposals are made and accepted, and a constraint that
+    completes inside an accepted run ends the request right there with "stop"."""
+    cfg = {"backend": backend}
+    spec = LLM(model=tiny_checkpoint, speculative_config=NGRAM, structured_outputs_config=cfg)
+    plain = LLM(model=tiny_checkpoint, structured_outputs_config=cfg)
+    cases = [StructuredOutputsParams(regex="(ab|cd){2,12}", disable_any_whitespace=True),
+             StructuredOutputsParams(regex="(ab){5}"),  # completes after exactly five repeats
+             StructuredOutputsParams(json={"type": "object", "properties": {"a": {"type": "integer"}},
+                                           "required": ["a"]}, disable_any_whitespace=True)]
+    free = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    for so in cases:
+        sp = SamplingParams(temperature=0, max_tokens=24, structured_outputs=so)
+        mixed = [sp, free, sp, sp]  # constrained rows next to free ones, in the same steps
+        before = spec.stats()
+        got, want = outputs(spec, prompts(4, seed=8), mixed), outputs(plain, prompts(4, seed=8), mixed)
+        assert [(c.text, c.token_ids, c.finish_reason) for c in got] == \
+            [(c.text, c.token_ids, c.finish_reason) for c in want], so
+        after = spec.stats()
+        assert after["spec_decode_num_draft_tokens"] > before["spec_decode_num_draft_tokens"]
+        assert after["spec_decode_num_accepted_tokens"] > before["spec_decode_num_accepted_tokens"]
+        assert_clean(spec)
+    only = SamplingParams(temperature=0, max_tokens=24, structured_outputs=cases[1])
+    before = spec.stats()["spec_decode_num_accepted_tokens"]
+    (c,) = outputs(spec, prompts(1, seed=9), only)
+    assert c.text == "ababababab" and c.finish_reason == "stop"
+    assert spec.stats()["spec_decode_num_accepted_tokens"] > before  # the repeats came from accepted proposals
 
 
 def test_metrics_and_cli(pair):
