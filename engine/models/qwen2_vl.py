@@ -45,51 +45,71 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+class VisionAttention(nn.Module):
+    """Fused-qkv multi-head attention with 2-D rotary q/k, bidirectional within each span of ``lengths``."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        # x: [patches, dim]; cos/sin: [patches, 1, head_dim]; lengths: patches per span (attention stays within)
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # [patches, heads, d] each
+        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(x.dtype)
+        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(x.dtype)
+        outs = [F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1))
+                for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))]  # [heads, len, d]
+        return self.proj(torch.cat([o.transpose(0, 1) for o in outs]).reshape(n, -1))  # [patches, dim]
+
+
 class VisionBlock(nn.Module):
     """Pre-norm ViT block with fused qkv and 2-D rotary q/k."""
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, act: str):
         super().__init__()
-        self.num_heads = num_heads
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.attn = nn.Module()
-        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.attn = VisionAttention(dim, num_heads)
         self.mlp = nn.Module()
         self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, mlp_dim), nn.Linear(mlp_dim, dim)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         # x: [patches, dim]; cos/sin: [patches, 1, head_dim]; lengths: patches per image (attention stays within)
-        n = x.shape[0]
-        q, k, v = self.attn.qkv(self.norm1(x)).view(n, 3, self.num_heads, -1).unbind(1)  # [patches, heads, d] each
-        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(x.dtype)
-        outs = [F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1))
-                for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))]  # [heads, len, d]
-        attn = torch.cat([o.transpose(0, 1) for o in outs]).reshape(n, -1)  # [patches, dim]
-        x = x + self.attn.proj(attn)
+        x = x + self.attn(self.norm1(x), cos, sin, lengths)
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.norm2(x))))
 
 
-class Qwen2VisionTransformer(nn.Module):
-    """Patch embedding, ``depth`` blocks, then the 2x2 ``merger`` to the text width."""
+def patch_merger(dim: int, merge: int, out_dim: int, norm: nn.Module) -> nn.Module:
+    """``merger``: ``norm`` (``ln_q``) per patch, then each merge x merge block's patches concatenated
+    through ``mlp`` (Linear, GELU, Linear) to ``out_dim``."""
+    merged = dim * merge**2
+    merger = nn.Module()
+    merger.ln_q = norm
+    merger.mlp = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, out_dim))
+    return merger
 
-    def __init__(self, vc: dict[str, Any]):
+
+class VisionPatchRope(nn.Module):
+    """The parts Qwen2-VL's and Qwen2.5-VL's vision transformers share: the Conv3d ``patch_embed``
+    (``embed``) and the 2-D rotary cos/sin of every patch (``_rotary``)."""
+
+    def __init__(self, vc: dict[str, Any], dim: int):
         super().__init__()
-        dim, self.merge = vc["embed_dim"], vc.get("spatial_merge_size", 2)
+        self.merge = vc.get("spatial_merge_size", 2)
         self.num_heads, self.dim = vc["num_heads"], dim
         self.channels, self.t_patch, self.patch = vc.get("in_channels", 3), vc.get("temporal_patch_size", 2), vc["patch_size"]
         self.theta = float((vc.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         self.patch_embed = nn.Module()
         kernel = (self.t_patch, self.patch, self.patch)
         self.patch_embed.proj = nn.Conv3d(self.channels, dim, kernel, kernel, bias=False)
-        mlp_dim = int(dim * vc.get("mlp_ratio", 4))
-        self.blocks = nn.ModuleList(VisionBlock(dim, self.num_heads, mlp_dim, vc.get("hidden_act", "quick_gelu"))
-                                    for _ in range(vc["depth"]))
-        merged = dim * self.merge**2
-        self.merger = nn.Module()
-        self.merger.ln_q = nn.LayerNorm(dim, eps=1e-6)
-        self.merger.mlp = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, vc["hidden_size"]))
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # pixel_values: [patches, channels * t_patch * patch * patch] -> [patches, dim]
+        w = self.patch_embed.proj.weight
+        x = pixel_values.to(w.dtype).view(-1, self.channels, self.t_patch, self.patch, self.patch)
+        return self.patch_embed.proj(x).view(-1, self.dim)
 
     def _rotary(self, grid: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
         m, pos = self.merge, []
@@ -105,11 +125,21 @@ class Qwen2VisionTransformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [patches, 1, head_dim]
         return emb.cos(), emb.sin()
 
+
+class Qwen2VisionTransformer(VisionPatchRope):
+    """Patch embedding, ``depth`` blocks, then the 2x2 ``merger`` to the text width."""
+
+    def __init__(self, vc: dict[str, Any]):
+        dim = vc["embed_dim"]
+        super().__init__(vc, dim)
+        mlp_dim = int(dim * vc.get("mlp_ratio", 4))
+        self.blocks = nn.ModuleList(VisionBlock(dim, self.num_heads, mlp_dim, vc.get("hidden_act", "quick_gelu"))
+                                    for _ in range(vc["depth"]))
+        self.merger = patch_merger(dim, self.merge, vc["hidden_size"], nn.LayerNorm(dim, eps=1e-6))
+
     def forward(self, pixel_values: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
         # pixel_values: [patches, channels * t_patch * patch * patch] -> [patches / merge^2, text hidden]
-        w = self.patch_embed.proj.weight
-        x = pixel_values.to(w.dtype).view(-1, self.channels, self.t_patch, self.patch, self.patch)
-        x = self.patch_embed.proj(x).view(-1, self.dim)  # [patches, dim]
+        x = self.embed(pixel_values)  # [patches, dim]
         cos, sin = self._rotary(grid, x.device)
         lengths = [h * w_ for t, h, w_ in grid for _ in range(t)]  # attention per frame of each image
         for block in self.blocks:
@@ -124,12 +154,17 @@ class Qwen2VLForConditionalGeneration(LlavaForConditionalGeneration):
         if parallel.tp_size * parallel.pp_size > 1:
             raise ValueError("vision-language models run on one process: tensor/pipeline_parallel_size must be 1")
         super(LlavaForConditionalGeneration, self).__init__(config, ops, max_position, parallel)
-        self.visual = Qwen2VisionTransformer(config.raw["vision_config"])
+        self.visual = self.build_visual(config.raw["vision_config"], ops)
         self.language_model = llama.LlamaForCausalLM(config, ops, max_position, parallel)
         rotary = MRotaryEmbedding(config.head_dim, config.rotary_dim or config.head_dim, max_position, config.rope, ops,
                                   config.option("mrope_section"), max_position_embeddings=config.max_position_embeddings)
         for layer in self.language_model.model.layers:
             layer.self_attn.rotary_emb = rotary
+
+    @staticmethod
+    def build_visual(vc: dict[str, Any], ops: ModuleType) -> nn.Module:
+        """The vision transformer of ``vision_config`` (Qwen2.5-VL overrides this)."""
+        return Qwen2VisionTransformer(vc)
 
     @staticmethod
     def mm_prompt_placeholder(image_token: str) -> str:

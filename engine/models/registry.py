@@ -19,6 +19,7 @@ MODELS: dict[str, tuple[str, str, str]] = {
     "Phi3ForCausalLM": ("phi3", "Phi3ForCausalLM", "phi3"),
     "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration", "llava"),
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLForConditionalGeneration", "qwen2_vl"),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"),
 }
 SUPPORTED_ARCHITECTURES = tuple(sorted(MODELS))
 

@@ -2,7 +2,8 @@
 
 ``build_llava_checkpoint`` writes a LLaVA-1.5 style model (CLIP vision tower + MLP projector +
 Llama), ``build_qwen2_vl_checkpoint`` a Qwen2-VL one (its vision transformer with 2x2 patch merge
-+ Qwen2 with M-RoPE). Each folder holds ``config.json``, safetensors, the trained BPE tokenizer
++ Qwen2 with M-RoPE), ``build_qwen2_5_vl_checkpoint`` a Qwen2.5-VL one (window attention). Each
+folder holds ``config.json``, safetensors, the trained BPE tokenizer
 (``pageant.engine.testing``) with the image tokens added, and the processor files, so both
 ``transformers`` (``AutoProcessor`` / ``AutoModelForImageTextToText``) and the engine load it.
 """
@@ -85,12 +86,13 @@ def build_llava_checkpoint(path: str | pathlib.Path, seed: int = 0, image_size: 
     return path
 
 
-def build_qwen2_vl_checkpoint(path: str | pathlib.Path, seed: int = 0, max_pixels: int = 56 * 56) -> pathlib.Path:
-    """A tiny ``Qwen2VLForConditionalGeneration``: vision transformer (embed 32, 2 layers, 14x14
-    patches, 2x2 merge), 2-layer Qwen2 (hidden 64, M-RoPE sections [2, 3, 3] of head_dim 16);
-    images are resized to at most ``max_pixels`` pixels (56x56: at most 16 patches, 4 image tokens)."""
+def _build_qwen_vl(path: str | pathlib.Path, seed: int, max_pixels: int, arch: str,
+                   vision: dict[str, Any]) -> pathlib.Path:
+    """A tiny Qwen2-VL family checkpoint (``arch``: "Qwen2VL" or "Qwen2_5_VL") with ``vision`` as
+    its vision_config and a 2-layer Qwen2 (hidden 64, M-RoPE sections [2, 3, 3] of head_dim 16)."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+    import transformers
+    from transformers import Qwen2VLImageProcessor
 
     from pageant.engine.multimodal.processor import load_hf_processor
 
@@ -100,18 +102,36 @@ def build_qwen2_vl_checkpoint(path: str | pathlib.Path, seed: int = 0, max_pixel
     ids = {t: tok.convert_tokens_to_ids(t) for t in tokens}
     text = _text_config(len(tok), rope_theta=1000000.0,
                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
-    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32)
+    config = getattr(transformers, f"{arch}Config")(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    model = getattr(transformers, f"{arch}ForConditionalGeneration")(config).to(torch.float32)
     _spread(model, seed)
     model.generation_config.pad_token_id = 0
     model.save_pretrained(str(path))
     image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels, patch_size=14,
                                             merge_size=2, temporal_patch_size=2)
     image_processor.save_pretrained(str(path))
-    (path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": f"{arch}Processor"}))
     load_hf_processor(path)  # loads (images only when torchvision, for the video part, is missing)
     return path
+
+
+def build_qwen2_vl_checkpoint(path: str | pathlib.Path, seed: int = 0, max_pixels: int = 56 * 56) -> pathlib.Path:
+    """A tiny ``Qwen2VLForConditionalGeneration``: vision transformer (embed 32, 2 layers, 14x14
+    patches, 2x2 merge), 2-layer Qwen2 (hidden 64, M-RoPE sections [2, 3, 3] of head_dim 16);
+    images are resized to at most ``max_pixels`` pixels (56x56: at most 16 patches, 4 image tokens)."""
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    return _build_qwen_vl(path, seed, max_pixels, "Qwen2VL", vision)
+
+
+def build_qwen2_5_vl_checkpoint(path: str | pathlib.Path, seed: int = 0, max_pixels: int = 112 * 112) -> pathlib.Path:
+    """A tiny ``Qwen2_5_VLForConditionalGeneration``: vision transformer (hidden 32, 3 blocks, full
+    attention on block 1 only, 56-pixel windows = 2x2 merged tokens, SwiGLU MLP, 14x14 patches,
+    2x2 merge), the Qwen2 of ``build_qwen2_vl_checkpoint``; images resized to at most ``max_pixels``."""
+    vision = dict(depth=3, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=4, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=56,
+                  fullatt_block_indexes=[1], hidden_act="silu")
+    return _build_qwen_vl(path, seed, max_pixels, "Qwen2_5_VL", vision)
