@@ -40,40 +40,32 @@ def parse_args(argv=None):
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pageant.engine.bench.scripts import figure
 
     rows = result["rows"]
     widths = [r["beam_width"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(widths, [r["blocks_shared"] for r in rows], "o-", label="prefix caching (shared prefix)")
-    ax.plot(widths, [r["blocks_independent"] for r in rows], "s--", label="beam_width independent copies")
-    ax.set_xlabel("beam width")
-    ax.set_ylabel("peak KV blocks held")
-    s = result["settings"]
-    ax.set_title(f"beam search KV blocks, {s['num_prompts']} prompts x {s['prompt_len']} tokens, "
-                 f"{s['output_len']} new, block {s['block_size']}", fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, figsize=(6, 4)) as (fig, ax):
+        ax.plot(widths, [r["blocks_shared"] for r in rows], "o-", label="prefix caching (shared prefix)")
+        ax.plot(widths, [r["blocks_independent"] for r in rows], "s--", label="beam_width independent copies")
+        ax.set_xlabel("beam width")
+        ax.set_ylabel("peak KV blocks held")
+        s = result["settings"]
+        ax.set_title(f"beam search KV blocks, {s['num_prompts']} prompts x {s['prompt_len']} tokens, "
+                     f"{s['output_len']} new, block {s['block_size']}", fontsize=9)
+        ax.legend()
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
     from pageant.engine import LLM, BeamSearchParams
-    from pageant.engine.bench.scripts import peak_blocks_in_use, result_header, save_result, setup_device, small_llama
+    from pageant.engine.bench.scripts import (peak_blocks_in_use, random_token_prompts, result_header, save_result,
+                                              setup_device, small_llama)
 
     setup_device(args.device, args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = small_llama(pathlib.Path(tmp) / "m", args.hidden, args.layers, max_position_embeddings=1024)
-        g = torch.Generator().manual_seed(0)
-        prompts = [{"prompt_token_ids": [1] + torch.randint(3, 500, (args.prompt_len - 1,), generator=g).tolist()}
-                   for _ in range(args.num_prompts)]
+        prompts = random_token_prompts(args.num_prompts, args.prompt_len)
         llms = {c: LLM(model=path, device=args.device, enable_prefix_caching=c, block_size=args.block_size,
                        max_model_len=1024, max_num_seqs=256) for c in (True, False)}
         for width in (int(w) for w in args.beam_widths.split(",")):

@@ -27,16 +27,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
-    from pageant.engine.bench.scripts import base_parser
+    from pageant.engine.bench.scripts import add_workload_args, base_parser
 
     p = base_parser(__doc__, hidden=512, layers=4, out_default=ROOT / "benchmarks" / "results")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--expert-intermediate", type=int, default=704, help="each expert's intermediate size I")
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    add_workload_args(p, num_prompts=32)
     p.add_argument("--quick", action="store_true", help="hidden 256, 2 layers, 16 prompts, 2 rounds")
     args = p.parse_args(argv)
     if args.quick:
@@ -71,55 +68,41 @@ def count_params(llm) -> tuple[int, int]:
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pageant.engine.bench.scripts import annotated_bars, figure, throughput_label
 
     names = list(result["runs"])
-    tps = [result["runs"][n]["tokens_per_s"] for n in names]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    bars = ax.bar(names, tps, color=["#777", "#3a7"])
-    for bar, n in zip(bars, names):
-        run = result["runs"][n]
-        ax.annotate(f"{result['ratio_to_dense'][n]:.2f}x\n{run['active_params'] / 1e6:.1f}M active / "
-                    f"{run['total_params'] / 1e6:.1f}M", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=8)
-    s = result["settings"]
-    ax.set_ylabel("output tokens / CPU-second" if result["timing"] == "cpu" else "output tokens / s")
-    ax.set_title(f"MoE ({s['experts']} experts, top {s['top_k']}) vs dense of equal active params\n"
-                 f"{result['device']}, hidden {s['hidden']}, {s['layers']} layers, {s['num_prompts']} prompts",
-                 fontsize=9)
-    ax.set_ylim(0, max(tps) * 1.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    runs = result["runs"]
+    tps = [runs[n]["tokens_per_s"] for n in names]
+    with figure(path, figsize=(6, 4)) as (fig, ax):
+        annotated_bars(ax, names, tps, [f"{result['ratio_to_dense'][n]:.2f}x\n{runs[n]['active_params'] / 1e6:.1f}M "
+                                        f"active / {runs[n]['total_params'] / 1e6:.1f}M" for n in names],
+                       ["#777", "#3a7"], fontsize=8)
+        s = result["settings"]
+        ax.set_ylabel(throughput_label(result["timing"]))
+        ax.set_title(f"MoE ({s['experts']} experts, top {s['top_k']}) vs dense of equal active params\n"
+                     f"{result['device']}, hidden {s['hidden']}, {s['layers']} layers, {s['num_prompts']} prompts",
+                     fontsize=9)
+        ax.set_ylim(0, max(tps) * 1.3)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    from pageant.engine import LLM, SamplingParams
-    from pageant.engine.bench.scripts import interleaved_rounds, result_header, save_result, setup_device
+    from pageant.engine import LLM
+    from pageant.engine.bench.scripts import (greedy_workload, interleaved_rounds, output_tokens, result_header,
+                                              save_result, setup_device, warm_up)
 
     setup_device(args.device, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         paths = build(pathlib.Path(tmp), args)
-        g = torch.Generator().manual_seed(0)
-        prompts = [{"prompt_token_ids": [1] + torch.randint(3, 500, (args.prompt_len - 1,), generator=g).tolist()}
-                   for _ in range(args.num_prompts)]
-        sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+        prompts, sp = greedy_workload(args)
         engines = {}
         for name, path in paths.items():
             llm = LLM(model=path, device=args.device, max_num_seqs=args.num_prompts, max_model_len=1024,
                       max_num_batched_tokens=max(2048, args.num_prompts * args.prompt_len))
-            llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
+            warm_up(llm, prompts)
             engines[name] = llm
-        def run(llm):
-            return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False))
-
-        runs = interleaved_rounds({n: (lambda llm=llm: run(llm)) for n, llm in engines.items()}, args.repeats,
-                                  args.device)
+        runs = interleaved_rounds({n: (lambda llm=llm: output_tokens(llm, prompts, sp)) for n, llm in engines.items()},
+                                  args.repeats, args.device)
         for name, llm in engines.items():
             total, active = count_params(llm)
             runs[name].update(total_params=total, active_params=active)

@@ -24,13 +24,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
-    from pageant.engine.bench.scripts import base_parser
+    from pageant.engine.bench.scripts import add_workload_args, base_parser
 
     p = base_parser(__doc__, hidden=512, layers=8, out_default=ROOT / "benchmarks" / "results")
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    add_workload_args(p, num_prompts=32)
     p.add_argument("--quick", action="store_true", help="hidden 256, 2 layers, 8 prompts, 2 rounds")
     args = p.parse_args(argv)
     if args.quick:
@@ -50,26 +47,19 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pageant.engine.bench.scripts import annotated_bars, figure
 
     names = list(result["runs"])
-    tps = [result["runs"][n]["tokens_per_s"] for n in names]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    bars = ax.bar(names, tps, color=["#777", "#3a7", "#aaa"][: len(names)])
-    for bar, n in zip(bars, names):
-        run = result["runs"][n]
-        ax.annotate(f"{result['ratio_to_tp1'][n]:.2f}x\n{run['cpu_ms_per_token']:.1f} CPU-ms/token",
-                    (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
-    s = result["settings"]
-    ax.set_ylabel("output tokens / s (wall clock)")
-    ax.set_title(f"tensor parallel on the CPU (gloo): {result['device']}\nhidden {s['hidden']}, {s['layers']} layers, "
-                 f"{s['num_prompts']} prompts x {s['output_len']} tokens", fontsize=9)
-    ax.set_ylim(0, max(tps) * 1.35)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    runs = result["runs"]
+    tps = [runs[n]["tokens_per_s"] for n in names]
+    with figure(path, figsize=(6.5, 4)) as (fig, ax):
+        annotated_bars(ax, names, tps, [f"{result['ratio_to_tp1'][n]:.2f}x\n{runs[n]['cpu_ms_per_token']:.1f} "
+                                        "CPU-ms/token" for n in names], ["#777", "#3a7", "#aaa"][: len(names)], fontsize=8)
+        s = result["settings"]
+        ax.set_ylabel("output tokens / s (wall clock)")
+        ax.set_title(f"tensor parallel on the CPU (gloo): {result['device']}\nhidden {s['hidden']}, {s['layers']} "
+                     f"layers, {s['num_prompts']} prompts x {s['output_len']} tokens", fontsize=9)
+        ax.set_ylim(0, max(tps) * 1.35)
 
 
 def main(argv=None) -> int:
@@ -79,15 +69,12 @@ def main(argv=None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from pageant.engine import LLM, SamplingParams
-    from pageant.engine.bench.scripts import result_header, save_result, small_llama
+    from pageant.engine import LLM
+    from pageant.engine.bench.scripts import greedy_workload, result_header, save_result, small_llama, warm_up
 
     with tempfile.TemporaryDirectory() as tmp:
         path = small_llama(pathlib.Path(tmp) / "llama", args.hidden, args.layers, max_position_embeddings=1024)
-        g = torch.Generator().manual_seed(0)
-        prompts = [{"prompt_token_ids": [1] + torch.randint(3, 500, (args.prompt_len - 1,), generator=g).tolist()}
-                   for _ in range(args.num_prompts)]
-        sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+        prompts, sp = greedy_workload(args)
         kw = dict(max_num_seqs=args.num_prompts, max_model_len=1024,
                   max_num_batched_tokens=max(2048, args.num_prompts * args.prompt_len))
         # name: (engine, torch threads of this process while it runs)
@@ -100,7 +87,7 @@ def main(argv=None) -> int:
         tokens: dict[str, int] = {}
         for name, (llm, threads) in configs.items():  # warm-up
             torch.set_num_threads(threads)
-            llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+            warm_up(llm, prompts)
         for _ in tqdm(range(args.repeats), desc="rounds"):
             for name, (llm, threads) in configs.items():
                 torch.set_num_threads(threads)

@@ -117,40 +117,32 @@ def summary(values: list[float]) -> dict:
 
 
 def plot(result: dict, burst_ttfts: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pageant.engine.bench.scripts import annotated_bars, figure, throughput_label
 
     names = list(result["runs"])
     colors = ["#777", "#3a7"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    tps = [result["runs"][n]["total_tokens_per_s"] for n in names]
-    bars = axes[0].bar(names, tps, color=colors)
-    for bar, n in zip(bars, names):
-        axes[0].annotate(f"{result['runs'][n]['total_tokens_per_s'] / tps[0]:.2f}x",
-                         (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
-    axes[0].set_ylabel("prompt + output tokens / " + ("CPU-second" if result["timing"] == "cpu" else "s"))
-    axes[0].set_title("burst throughput")
-    for n, c in zip(names, colors):
-        v = sorted(t * 1000 for t in burst_ttfts[n])
-        axes[1].plot(v, [(i + 1) / len(v) for i in range(len(v))], color=c, label=n)
-    axes[1].set_xlabel("TTFT (ms)")
-    axes[1].set_ylabel("fraction of requests")
-    axes[1].set_title("burst TTFT (all requests at once)")
-    axes[1].legend()
-    axes[1].grid(alpha=0.3)
-    seq = [result["runs"][n]["sequential_ttft_ms"]["p50"] for n in names]
-    bars = axes[2].bar(names, seq, color=colors)
-    for bar, s in zip(bars, seq):
-        axes[2].annotate(f"{s:.1f} ms", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
-    axes[2].set_ylabel("median TTFT (ms)")
-    axes[2].set_title("one request at a time")
-    s = result["settings"]
-    fig.suptitle(f"prefix caching, {result['device']}: hidden {s['hidden']}, {s['layers']} layers, {s['num_prompts']} "
-                 f"prompts over {s['num_prefixes']} shared {s['prefix_len']}-token prefixes", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, 1, 3, figsize=(15, 4)) as (fig, axes):
+        tps = [result["runs"][n]["total_tokens_per_s"] for n in names]
+        annotated_bars(axes[0], names, tps, [f"{result['runs'][n]['total_tokens_per_s'] / tps[0]:.2f}x" for n in names],
+                       colors)
+        axes[0].set_ylabel(throughput_label(result["timing"], "prompt + output tokens"))
+        axes[0].set_title("burst throughput")
+        for n, c in zip(names, colors):
+            v = sorted(t * 1000 for t in burst_ttfts[n])
+            axes[1].plot(v, [(i + 1) / len(v) for i in range(len(v))], color=c, label=n)
+        axes[1].set_xlabel("TTFT (ms)")
+        axes[1].set_ylabel("fraction of requests")
+        axes[1].set_title("burst TTFT (all requests at once)")
+        axes[1].legend()
+        axes[1].grid(alpha=0.3)
+        seq = [result["runs"][n]["sequential_ttft_ms"]["p50"] for n in names]
+        annotated_bars(axes[2], names, seq, [f"{s:.1f} ms" for s in seq], colors)
+        axes[2].set_ylabel("median TTFT (ms)")
+        axes[2].set_title("one request at a time")
+        s = result["settings"]
+        fig.suptitle(f"prefix caching, {result['device']}: hidden {s['hidden']}, {s['layers']} layers, "
+                     f"{s['num_prompts']} prompts over {s['num_prefixes']} shared {s['prefix_len']}-token prefixes",
+                     fontsize=9)
 
 
 def main(argv=None) -> int:

@@ -51,15 +51,12 @@ FORMATS = {  # name: (how it is made, its settings)
 
 
 def parse_args(argv=None):
-    from pageant.engine.bench.scripts import base_parser
+    from pageant.engine.bench.scripts import add_workload_args, base_parser
 
     p = base_parser(__doc__, hidden=512, layers=4, out_default=ROOT / "benchmarks" / "results")
     p.add_argument("--intermediate", type=int, default=None, help="MLP size (default 11/4 of hidden)")
     p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated, from: " + ", ".join(FORMATS))
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    add_workload_args(p, num_prompts=16)
     p.add_argument("--quick", action="store_true", help="hidden 256, 2 layers, MLP 512, 8 prompts, 2 rounds")
     args = p.parse_args(argv)
     if args.quick:
@@ -117,64 +114,47 @@ def linear_bytes(llm) -> tuple[int, int]:
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pageant.engine.bench.scripts import annotated_bars, figure, throughput_label
 
     names = list(result["runs"])
     runs = result["runs"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    mib = [runs[n]["weight_bytes"] / 2**20 for n in names]
-    bars = a.bar(names, mib, color=["#777"] + ["#3a7"] * (len(names) - 1))
-    for bar, n in zip(bars, names):
-        a.annotate(f"{runs[n]['bytes_per_weight']:.2f} B/w", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                   ha="center", va="bottom", fontsize=7)
-    a.set_ylabel("linear-layer weight memory (MiB)")
-    tps = [runs[n]["tokens_per_s"] for n in names]
-    bars = b.bar(names, tps, color=["#777"] + ["#37a"] * (len(names) - 1))
-    for bar, n in zip(bars, names):
-        b.annotate(f"{result['ratio_to_float'][n]:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                   ha="center", va="bottom", fontsize=7)
-    b.set_ylabel("output tokens / CPU-second" if result["timing"] == "cpu" else "output tokens / s")
-    for ax in (a, b):
-        ax.tick_params(axis="x", rotation=60, labelsize=7)
-        ax.set_ylim(0, max(ax.get_ylim()[1], 1) * 1.1)
-    s = result["settings"]
-    fig.suptitle(f"quantized formats vs float32: {result['device']}, hidden {s['hidden']}, {s['layers']} layers, "
-                 f"{s['num_prompts']} prompts x {s['output_len']} tokens", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, 1, 2, figsize=(11, 4.2)) as (fig, (a, b)):
+        annotated_bars(a, names, [runs[n]["weight_bytes"] / 2**20 for n in names],
+                       [f"{runs[n]['bytes_per_weight']:.2f} B/w" for n in names],
+                       ["#777"] + ["#3a7"] * (len(names) - 1), fontsize=7)
+        a.set_ylabel("linear-layer weight memory (MiB)")
+        annotated_bars(b, names, [runs[n]["tokens_per_s"] for n in names],
+                       [f"{result['ratio_to_float'][n]:.2f}x" for n in names],
+                       ["#777"] + ["#37a"] * (len(names) - 1), fontsize=7)
+        b.set_ylabel(throughput_label(result["timing"]))
+        for ax in (a, b):
+            ax.tick_params(axis="x", rotation=60, labelsize=7)
+            ax.set_ylim(0, max(ax.get_ylim()[1], 1) * 1.1)
+        s = result["settings"]
+        fig.suptitle(f"quantized formats vs float32: {result['device']}, hidden {s['hidden']}, {s['layers']} layers, "
+                     f"{s['num_prompts']} prompts x {s['output_len']} tokens", fontsize=9)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    from pageant.engine import LLM, SamplingParams
-    from pageant.engine.bench.scripts import interleaved_rounds, result_header, save_result, setup_device
+    from pageant.engine import LLM
+    from pageant.engine.bench.scripts import (greedy_workload, interleaved_rounds, output_tokens, result_header,
+                                              save_result, setup_device, warm_up)
 
     setup_device(args.device, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         paths = build(pathlib.Path(tmp), args)
-        g = torch.Generator().manual_seed(0)
-        prompts = [{"prompt_token_ids": [1] + torch.randint(3, 500, (args.prompt_len - 1,), generator=g).tolist()}
-                   for _ in range(args.num_prompts)]
-        sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+        prompts, sp = greedy_workload(args)
         blocks = -(-args.num_prompts * (args.prompt_len + args.output_len) // 16) + args.num_prompts
         engines, memory = {}, {}
         for name, (path, quantization) in paths.items():
             llm = LLM(model=path, quantization=quantization, device=args.device, max_num_seqs=args.num_prompts,
                       max_model_len=1024, num_kv_blocks=blocks, block_size=16,
                       max_num_batched_tokens=max(2048, args.num_prompts * args.prompt_len))
-            llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
+            warm_up(llm, prompts)
             engines[name], memory[name] = llm, linear_bytes(llm)
-
-        def run(llm):
-            return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False))
-
-        runs = interleaved_rounds({n: (lambda llm=llm: run(llm)) for n, llm in engines.items()}, args.repeats,
-                                  args.device)
+        runs = interleaved_rounds({n: (lambda llm=llm: output_tokens(llm, prompts, sp)) for n, llm in engines.items()},
+                                  args.repeats, args.device)
         del engines
     float_bytes, float_tps = memory["float32"][0], runs["float32"]["tokens_per_s"]
     for name, (nbytes, weights) in memory.items():

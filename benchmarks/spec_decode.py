@@ -76,38 +76,30 @@ def workload(target: str, n: int, prompt_len: int) -> list[dict]:
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pageant.engine.bench.scripts import annotated_bars, figure, throughput_label
 
     batches = sorted({r["batch"] for r in result["runs"].values()})
     methods = ["none", "ngram", "draft_model"]
-    fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.27
-    for m, method in enumerate(methods):
-        for b, batch in enumerate(batches):
-            run = result["runs"][f"{method}-b{batch}"]
-            bar = ax.bar(b + (m - 1) * width, run["tokens_per_s"], width, color=["#777", "#3a7", "#37a"][m],
-                         label=method if b == 0 else None)
-            note = f"{run['speedup']:.2f}x"
-            if method != "none":
-                note += f"\nacc {run['acceptance_rate']:.2f}\nlen {run['mean_acceptance_length']:.2f}"
-            ax.annotate(note, (bar[0].get_x() + width / 2, bar[0].get_height()), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
-    ax.set_ylabel("output tokens / CPU-second" if result["timing"] == "cpu" else "output tokens / s")
-    ax.set_title(f"Speculative decoding, k={result['settings']['k']}, {result['device']}\n"
-                 "speed-up vs no speculation, acceptance rate, mean acceptance length", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.set_ylim(0, max(r["tokens_per_s"] for r in result["runs"].values()) * 1.35)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, figsize=(7, 4)) as (fig, ax):
+        for m, method in enumerate(methods):  # one bar per method in each batch's group
+            runs = [result["runs"][f"{method}-b{batch}"] for batch in batches]
+            notes = [f"{run['speedup']:.2f}x" + ("" if method == "none" else f"\nacc {run['acceptance_rate']:.2f}"
+                                                 f"\nlen {run['mean_acceptance_length']:.2f}") for run in runs]
+            annotated_bars(ax, [b + (m - 1) * width for b in range(len(batches))], [r["tokens_per_s"] for r in runs],
+                           notes, ["#777", "#3a7", "#37a"][m], fontsize=7, width=width, label=method)
+        ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+        ax.set_ylabel(throughput_label(result["timing"]))
+        ax.set_title(f"Speculative decoding, k={result['settings']['k']}, {result['device']}\n"
+                     "speed-up vs no speculation, acceptance rate, mean acceptance length", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.set_ylim(0, max(r["tokens_per_s"] for r in result["runs"].values()) * 1.35)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pageant.engine import LLM, SamplingParams
-    from pageant.engine.bench.scripts import interleaved_rounds, result_header, save_result, setup_device
+    from pageant.engine.bench.scripts import interleaved_rounds, output_tokens, result_header, save_result, setup_device
 
     setup_device(args.device, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,17 +120,13 @@ def main(argv=None) -> int:
                 if reference.setdefault(batch, outs) != outs:
                     raise RuntimeError(f"{method} at batch {batch}: outputs differ from decoding without speculation")
 
-        def run(method, batch):
-            llm = engines[method]
-            return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts[:batch], sp, use_tqdm=False))
-
         names = {f"{m}-b{b}": (m, b) for b in (1, args.batch) for m in specs}
         stats_at = {}
 
         def counted(name):
             method, batch = names[name]
             s0 = dict(engines[method].stats())
-            n = run(method, batch)
+            n = output_tokens(engines[method], prompts[:batch], sp)
             s1 = engines[method].stats()
             acc = stats_at.setdefault(name, [0, 0, 0])
             for i, key in enumerate(("spec_decode_num_drafts", "spec_decode_num_draft_tokens",

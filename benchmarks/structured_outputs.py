@@ -53,30 +53,25 @@ def large_schema(n: int) -> dict:
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
-    import matplotlib
+    from pageant.engine.bench.scripts import annotated_bars, figure, throughput_label
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4))
-    names = list(result["runs"])
-    a.bar(names, [result["runs"][n]["tokens_per_s"] for n in names], color=["#777", "#3a7", "#37a"])
-    for i, n in enumerate(names):
-        a.annotate(f"{result['ratio_to_free'][n]:.2f}x", (i, result["runs"][n]["tokens_per_s"]), ha="center", va="bottom")
-    a.set_ylabel("output tokens / CPU-second" if result["timing"] == "cpu" else "output tokens / s")
-    a.set_title(f"batch {result['settings']['batch']}, {result['device']}", fontsize=9)
-    c = result["compile"]
-    b.bar(["cold", "cached"], [c["cold_seconds"] * 1e3, c["cached_seconds"] * 1e3], color=["#a73", "#3a7"])
-    b.set_ylabel("ms")
-    b.set_title(f"compile a {c['schema_properties']}-property JSON schema", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, 1, 2, figsize=(9, 4)) as (fig, (a, b)):
+        names = list(result["runs"])
+        annotated_bars(a, names, [result["runs"][n]["tokens_per_s"] for n in names],
+                       [f"{result['ratio_to_free'][n]:.2f}x" for n in names], ["#777", "#3a7", "#37a"])
+        a.set_ylabel(throughput_label(result["timing"]))
+        a.set_title(f"batch {result['settings']['batch']}, {result['device']}", fontsize=9)
+        c = result["compile"]
+        b.bar(["cold", "cached"], [c["cold_seconds"] * 1e3, c["cached_seconds"] * 1e3], color=["#a73", "#3a7"])
+        b.set_ylabel("ms")
+        b.set_title(f"compile a {c['schema_properties']}-property JSON schema", fontsize=9)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pageant.engine import LLM, SamplingParams, StructuredOutputsParams
-    from pageant.engine.bench.scripts import interleaved_rounds, result_header, save_result, setup_device, small_llama
+    from pageant.engine.bench.scripts import (interleaved_rounds, output_tokens, result_header, save_result,
+                                              setup_device, small_llama)
     from pageant.engine.structured_outputs.manager import StructuredOutputManager
 
     setup_device(args.device, args.threads)
@@ -97,10 +92,8 @@ def main(argv=None) -> int:
         }
         for sp in settings.values():  # warm-up (and the grammars compiled)
             llm.generate(prompts[:2], sp, use_tqdm=False)
-        def run(sp):
-            return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False))
-
-        runs = interleaved_rounds({n: (lambda sp=sp: run(sp)) for n, sp in settings.items()}, args.repeats, args.device)
+        runs = interleaved_rounds({n: (lambda sp=sp: output_tokens(llm, prompts, sp)) for n, sp in settings.items()},
+                                  args.repeats, args.device)
         tok = llm.engine.tokenizer
         fresh = StructuredOutputManager(tok.hf_tokenizer, llm.engine.vocab_size, sorted(tok.eos_token_ids))
         big = StructuredOutputsParams(json=large_schema(args.schema_properties))

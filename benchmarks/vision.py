@@ -72,26 +72,19 @@ def build(path: pathlib.Path, args) -> str:
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pageant.engine.bench.scripts import annotated_bars, figure, throughput_label
 
     names = list(result["runs"])
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
-    for ax, key, label in ((axes[0], "images_per_s", "images / CPU-second" if result["timing"] == "cpu"
-                            else "images / s"), (axes[1], "mean_ttft_s", "mean TTFT (s, wall)")):
-        values = [result["runs"][n][key] for n in names]
-        bars = ax.bar(names, values, color=["#3a7", "#777"])
-        for bar, v in zip(bars, values):
-            ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
-        ax.set_ylabel(label)
-        ax.set_ylim(0, max(values) * 1.25)
-    s = result["settings"]
-    fig.suptitle(f"LLaVA-shaped, {s['num_prompts']} image chats, {result['image_tokens']} image tokens each, "
-                 f"{s['max_num_batched_tokens']}-token steps ({result['device']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, 1, 2, figsize=(8, 3.6)) as (fig, axes):
+        for ax, key, label in ((axes[0], "images_per_s", throughput_label(result["timing"], "images")),
+                               (axes[1], "mean_ttft_s", "mean TTFT (s, wall)")):
+            values = [result["runs"][n][key] for n in names]
+            annotated_bars(ax, names, values, [f"{v:.3g}" for v in values], ["#3a7", "#777"])
+            ax.set_ylabel(label)
+            ax.set_ylim(0, max(values) * 1.25)
+        s = result["settings"]
+        fig.suptitle(f"LLaVA-shaped, {s['num_prompts']} image chats, {result['image_tokens']} image tokens each, "
+                     f"{s['max_num_batched_tokens']}-token steps ({result['device']})", fontsize=9)
 
 
 def main(argv=None) -> int:
@@ -100,7 +93,7 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from pageant.engine import LLM, SamplingParams
-    from pageant.engine.bench.scripts import interleaved_rounds, result_header, save_result, setup_device
+    from pageant.engine.bench.scripts import interleaved_rounds, result_header, save_result, setup_device, warm_up
 
     setup_device(args.device, args.threads)
     rng = np.random.default_rng(0)
@@ -115,7 +108,7 @@ def main(argv=None) -> int:
             llm = LLM(model=path, device=args.device, max_num_seqs=args.num_prompts,
                       max_num_batched_tokens=args.max_num_batched_tokens)
             llm.engine.runner.encoder_cache.enabled = enabled
-            llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)  # warm-up
+            warm_up(llm, prompts, num_prompts=1, max_tokens=1)
             engines[name], ttft[name], encoded[name] = llm, [], []
 
         def run(name: str) -> int:

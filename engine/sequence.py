@@ -30,8 +30,25 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+class OutputTokensView:
+    """``output_token_ids`` and ``num_output_tokens`` of anything holding ``token_ids`` (prompt,
+    then output) and its ``request``: a ``Sequence``, or the verifier's view of one with proposals
+    appended (``spec_decode.verify.SpecView``)."""
+
+    token_ids: list[int]
+    request: "Request"
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.request.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.request.num_prompt_tokens
+
+
 @dataclass(eq=False)
-class Sequence:
+class Sequence(OutputTokensView):
     """One completion being generated.
 
     Invariants: ``token_ids == prompt_token_ids + output_token_ids``; the first
@@ -77,14 +94,6 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.request.num_prompt_tokens :]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.request.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -1,16 +1,18 @@
 """What the standalone benchmark scripts in ``benchmarks/`` share: the small random Llama they
-build, the CPU/GPU setup, the header of their result, and saving it as JSON with a PNG beside it.
+build, their flags, prompts and timed rounds, the CPU/GPU setup, the header of their result, saving
+it as JSON with a PNG beside it, and the pieces of their charts.
 
 The scripts run as ``python benchmarks/X.py`` and import this module from the installed package.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import pathlib
 import platform
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 
 def small_llama(path: pathlib.Path, hidden: int, layers: int, **overrides: Any) -> str:
@@ -86,6 +88,47 @@ def base_parser(doc: str, *, hidden: int, layers: int, out_default: pathlib.Path
     return p
 
 
+def add_workload_args(p, *, num_prompts: int, prompt_len: int = 64, output_len: int = 32, repeats: int = 3) -> None:
+    """The flags of a batch of random prompts timed over rounds: --num-prompts, --prompt-len,
+    --output-len, --repeats."""
+    p.add_argument("--num-prompts", type=int, default=num_prompts)
+    p.add_argument("--prompt-len", type=int, default=prompt_len)
+    p.add_argument("--output-len", type=int, default=output_len)
+    p.add_argument("--repeats", type=int, default=repeats)
+
+
+def random_token_prompts(num_prompts: int, prompt_len: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    """``num_prompts`` token-id prompts of ``prompt_len`` tokens: BOS (1), then ids drawn from
+    ``[3, 500)`` by a torch generator seeded with ``seed``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": [1] + torch.randint(3, 500, (prompt_len - 1,), generator=g).tolist()}
+            for _ in range(num_prompts)]
+
+
+def greedy_workload(args) -> tuple[list[dict[str, list[int]]], Any]:
+    """The work ``add_workload_args``' flags describe: ``--num-prompts`` random prompts of
+    ``--prompt-len`` tokens (``random_token_prompts``, seed 0) and greedy ``SamplingParams`` of
+    ``--output-len`` tokens, ``ignore_eos``."""
+    from pageant.engine import SamplingParams
+
+    return (random_token_prompts(args.num_prompts, args.prompt_len),
+            SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True))
+
+
+def warm_up(llm, prompts: list, num_prompts: int = 2, max_tokens: int = 2) -> None:
+    """A greedy untimed run of an ``LLM`` on the first ``num_prompts`` prompts."""
+    from pageant.engine import SamplingParams
+
+    llm.generate(prompts[:num_prompts], SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
+
+
+def output_tokens(llm, prompts: list, sampling_params) -> int:
+    """Run ``prompts`` through an ``LLM``; the number of output tokens (what a timed run returns)."""
+    return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, sampling_params, use_tqdm=False))
+
+
 def interleaved_rounds(runs: dict[str, Callable[[], int]], repeats: int, device: str) -> dict[str, dict[str, Any]]:
     """Call every run once per round, ``repeats`` rounds, runs interleaved in each round (load drift
     on a shared machine hits all alike). A run returns its output token count. Per name: the token
@@ -126,3 +169,31 @@ def peak_blocks_in_use(llm, run: Callable[[], Any]) -> int:
     finally:
         engine.runner.execute = execute
     return peak[0]
+
+
+def throughput_label(timing: str, what: str = "output tokens") -> str:
+    """A throughput axis label: ``<what> / CPU-second`` for CPU timing, ``<what> / s`` otherwise."""
+    return f"{what} / {'CPU-second' if timing == 'cpu' else 's'}"
+
+
+@contextlib.contextmanager
+def figure(path: str | pathlib.Path, *subplots_args: Any, **subplots_kwargs: Any) -> Iterator[tuple[Any, Any]]:
+    """``(fig, axes)`` of headless ``plt.subplots(...)``; on exit the figure is laid out tight and
+    saved to ``path`` at 120 dpi."""
+    from pageant.engine.bench.plots import _plt
+
+    fig, axes = _plt().subplots(*subplots_args, **subplots_kwargs)
+    yield fig, axes
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def annotated_bars(ax, x: Sequence, heights: Sequence[float], notes: Sequence[str], color: Any,
+                   fontsize: float | None = None, **bar_kwargs: Any):
+    """``ax.bar(x, heights, color=color, **bar_kwargs)`` with ``notes[i]`` centred above bar ``i``;
+    returns the bars."""
+    bars = ax.bar(x, heights, color=color, **bar_kwargs)
+    text = {} if fontsize is None else {"fontsize": fontsize}
+    for bar, note in zip(bars, notes):
+        ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", **text)
+    return bars

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from pageant.engine.sampler import SamplingBatch, apply_processors, truncated_probs
-from pageant.engine.sequence import Sequence
+from pageant.engine.sequence import OutputTokensView, Sequence
 from pageant.engine.spec_decode.rejection_sampler import rejection_sample
 from pageant.engine.structured_outputs.manager import apply_bitmask
 
 
-class SpecView:
+class SpecView(OutputTokensView):
     """A sequence as it would be after its first proposals were accepted (what the sampler's
     processors read at a later verified position)."""
 
@@ -28,14 +28,6 @@ class SpecView:
         self.seq, self.request, self.index, self.generator = seq, seq.request, seq.index, seq.generator
         self.token_ids = seq.token_ids + extra
         self.text = seq.text
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.request.num_prompt_tokens :]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.request.num_prompt_tokens
 
 
 @dataclass

@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import json
 import pathlib
-import random
-import shutil
 
 import pytest
 import torch
 
 pytest.importorskip("compressed_tensors")
 
-from pageant.engine import LLM, SamplingParams  # noqa: E402
+from pageant.engine import LLM  # noqa: E402
 from pageant.engine.config import EngineConfig  # noqa: E402
-from pageant.engine.layers.linear import LinearBase  # noqa: E402
 from pageant.engine.layers.quantization.compressed_tensors import unpack_int32  # noqa: E402
-
-MAX_NEW = 8
-SP = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+from tests.engine import quant_helpers  # noqa: E402
+from tests.engine.quant_helpers import MAX_NEW, checkpoint_variant, generate, linears, random_prompts  # noqa: E402
 
 SCHEMES = {
     "int8-channel": dict(num_bits=8, type="int", strategy="channel", symmetric=True),
@@ -44,20 +40,9 @@ def quantize_checkpoint(dense: str, out: pathlib.Path, weights: dict) -> str:
 
 
 def hf_greedy(path: str, prompts: list[list[int]]) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
-    kw = {}
-    if "quantization_config" in json.loads((pathlib.Path(path) / "config.json").read_text()):
-        kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
-                                 min_new_tokens=MAX_NEW, pad_token_id=0)
-            outs.append(gen[0, len(p):].tolist())
-    return outs
+    """transformers' ``generate`` tokens, a quantized checkpoint dequantized on load."""
+    quantized = "quantization_config" in json.loads((pathlib.Path(path) / "config.json").read_text())
+    return quant_helpers.hf_greedy(path, prompts, dequantize=quantized)
 
 
 @pytest.fixture(scope="module")
@@ -79,18 +64,7 @@ def quantized(dense, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts() -> list[list[int]]:
-    rng = random.Random(0)
-    return [[1] + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 40))] for _ in range(6)]
-
-
-def linears(llm: LLM) -> dict[str, LinearBase]:
-    model = llm.engine.runner.model
-    return {n: m for n, m in model.named_modules() if isinstance(m, LinearBase)}
-
-
-def generate(llm: LLM, prompts) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], SP,
-                                                          use_tqdm=False)]
+    return random_prompts(6, 0)
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
@@ -172,18 +146,8 @@ def test_online_fp8_equals_offline(dense, quantized, prompts):
 
 
 def _variant(src: str, dst: pathlib.Path, edit_config=None, drop: str | None = None) -> str:
-    shutil.copytree(src, dst)
-    if edit_config is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        edit_config(cfg["quantization_config"])
-        (dst / "config.json").write_text(json.dumps(cfg))
-    if drop is not None:
-        from safetensors.torch import load_file, save_file
-
-        state = load_file(str(dst / "model.safetensors"))
-        del state[drop]
-        save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return str(dst)
+    """``checkpoint_variant`` without the tensor ``drop``."""
+    return checkpoint_variant(src, dst, edit_config, None if drop is None else lambda state: state.pop(drop))
 
 
 def test_bad_checkpoints(quantized, dense, tmp_path):

@@ -7,20 +7,16 @@ the fake quantization itself equals compressed-tensors' bit for bit."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 pytest.importorskip("compressed_tensors")
 
-from pageant.engine import LLM, SamplingParams  # noqa: E402
-from pageant.engine.layers.linear import LinearBase  # noqa: E402
+from pageant.engine import LLM  # noqa: E402
 from pageant.engine.layers.quantization.activations import InputArgs, _fake_quantize, quantize_dynamic  # noqa: E402
 from pageant.engine.layers.quantization.checkpoints import compressed_tensors_checkpoint  # noqa: E402
+from tests.engine.quant_helpers import generate, greedy_tokens, hf_model, linears, random_prompts  # noqa: E402
 
-MAX_NEW = 8
-SP = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
 INT8_CHANNEL = dict(num_bits=8, type="int", strategy="channel", symmetric=True)
 FP8_CHANNEL = dict(num_bits=8, type="float", strategy="channel", symmetric=True)
 SCHEMES = {  # name: (weights, input_activations)
@@ -37,14 +33,9 @@ SCHEMES = {  # name: (weights, input_activations)
 }
 
 
-def _prompts(n: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[1] + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 40))] for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def prompts() -> list[list[int]]:
-    return _prompts(5, 0)
+    return random_prompts(5, 0)
 
 
 @pytest.fixture(scope="module")
@@ -56,47 +47,25 @@ def quantized(make_checkpoint, tmp_path_factory):
         if name not in built:
             weights, inputs = SCHEMES[name]
             built[name] = compressed_tensors_checkpoint(dense, tmp_path_factory.mktemp(name), weights, inputs,
-                                                        calibration=_prompts(4, 99))
+                                                        calibration=random_prompts(4, 99))
         return built[name]
 
     return get
 
 
-def hf_model(path: str):
+def warm_hf_model(path: str):
     """transformers' default compressed-tensors route (activation fake-quantization on); one
-    forward decompresses the weights (a hook on the first call)."""
-    from transformers import AutoModelForCausalLM
+    forward decompresses the weights (a hook on the first call).
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        model(torch.tensor([[1]]))
-    return model
-
-
-def hf_greedy(model, prompts) -> list[list[int]]:
-    """Greedy tokens as plain argmax steps over the whole sequence (no KV cache).
-
-    Not ``generate``: fake quantization rounds, so a 1e-7 difference in an input can move a value
+    Its greedy reference is plain argmax steps over the whole sequence (no KV cache), not
+    ``generate``: fake quantization rounds, so a 1e-7 difference in an input can move a value
     across a rounding step and change the output by a quantization step (~1e-3). transformers'
     own cached ``generate`` and its full forward differ that way (their attention sums in another
     order): on these prompts one greedy token of the W8A8 dynamic model differs between the two."""
-    outs = []
+    model = hf_model(path)
     with torch.no_grad():
-        for p in prompts:
-            ids = list(p)
-            for _ in range(MAX_NEW):
-                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            outs.append(ids[len(p):])
-    return outs
-
-
-def generate(llm: LLM, prompts) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], SP,
-                                                          use_tqdm=False)]
-
-
-def linears(llm: LLM) -> dict[str, LinearBase]:
-    return {n: m for n, m in llm.engine.runner.model.named_modules() if isinstance(m, LinearBase)}
+        model(torch.tensor([[1]]))
+    return model
 
 
 # --- the fake quantization against compressed-tensors' own ----------------------------------------
@@ -151,8 +120,7 @@ def test_fake_quantization_equals_compressed_tensors(args, dtype):
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_matches_transformers(quantized, prompts, scheme):
     path = quantized(scheme)
-    model = hf_model(path)
-    expected = hf_greedy(model, prompts)
+    expected = greedy_tokens(warm_hf_model(path), prompts, cached=False)
     llm = LLM(model=path, max_num_seqs=8)
     layers = linears(llm)
     qkv = layers["model.layers.0.self_attn.qkv_proj"]
@@ -184,7 +152,7 @@ def test_layer_equals_transformers_module(quantized, scheme, tmp_path):
         state["model.layers.0.self_attn.k_proj.input_scale"] *= 2
         state["model.layers.0.self_attn.v_proj.input_scale"] *= 0.5
         save_file(state, f"{path}/model.safetensors", metadata={"format": "pt"})
-    att = hf_model(path).model.layers[0].self_attn
+    att = warm_hf_model(path).model.layers[0].self_attn
     qkv = linears(LLM(model=path))["model.layers.0.self_attn.qkv_proj"]
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))  # [num_tokens, hidden]
     with torch.no_grad():

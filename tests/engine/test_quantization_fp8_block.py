@@ -11,22 +11,15 @@ loaded by transformers."""
 
 from __future__ import annotations
 
-import json
-import pathlib
-import random
-import shutil
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from pageant.engine import LLM, SamplingParams
-from pageant.engine.layers.linear import LinearBase, ReplicatedLinear
+from pageant.engine import LLM
+from pageant.engine.layers.linear import ReplicatedLinear
 from pageant.engine.layers.quantization.checkpoints import compressed_tensors_checkpoint, fp8_checkpoint
 from pageant.engine.layers.quantization.fp8_block import BlockFp8Method
+from tests.engine.quant_helpers import checkpoint_variant, generate, hf_greedy, linears, random_prompts
 
-MAX_NEW = 8
-SP = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
 WIDE = dict(hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -37,44 +30,12 @@ def dense(make_checkpoint) -> str:
 
 @pytest.fixture(scope="module")
 def prompts() -> list[list[int]]:
-    rng = random.Random(0)
-    return [[1] + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 40))] for _ in range(5)]
+    return random_prompts(5, 0)
 
 
 @pytest.fixture(scope="module")
 def block_ckpt(dense, tmp_path_factory) -> str:
     return fp8_checkpoint(dense, tmp_path_factory.mktemp("fp8") / "block", block=(128, 128))
-
-
-def hf_greedy(path: str, prompts, cached: bool = True) -> list[list[int]]:
-    """transformers' greedy tokens: ``generate`` (``cached``) or plain argmax steps over the whole
-    sequence (for fake-quantized activations, see test_quantization_activations.hf_greedy)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            if cached:
-                ids = torch.tensor([p])
-                gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
-                                     do_sample=False, min_new_tokens=MAX_NEW, pad_token_id=0)
-                outs.append(gen[0, len(p):].tolist())
-                continue
-            ids = list(p)
-            for _ in range(MAX_NEW):
-                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            outs.append(ids[len(p):])
-    return outs
-
-
-def generate(llm: LLM, prompts) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], SP,
-                                                          use_tqdm=False)]
-
-
-def linears(llm: LLM) -> dict[str, LinearBase]:
-    return {n: m for n, m in llm.engine.runner.model.named_modules() if isinstance(m, LinearBase)}
 
 
 def test_block_fp8_matches_transformers(block_ckpt, prompts):
@@ -157,19 +118,6 @@ def test_partial_blocks_equal_compressed_tensors_dequantization():
         layer.weight_loader(layer.weight_scale_inv, torch.ones(3, 3))
 
 
-def _edit(src: str, dst: pathlib.Path, config=None, state=None) -> str:
-    shutil.copytree(src, dst)
-    if config is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        config(cfg["quantization_config"])
-        (dst / "config.json").write_text(json.dumps(cfg))
-    if state is not None:
-        tensors = load_file(str(dst / "model.safetensors"))
-        state(tensors)
-        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return str(dst)
-
-
 def test_bad_fp8_checkpoints(block_ckpt, make_checkpoint, tmp_path):
     small = fp8_checkpoint(make_checkpoint("llama"), tmp_path / "small", block=(128, 128))
     with pytest.raises(ValueError, match=r"layers.0.self_attn.qkv_proj: part 'q' of 64 output rows \(64 on this rank\) "
@@ -179,31 +127,31 @@ def test_bad_fp8_checkpoints(block_ckpt, make_checkpoint, tmp_path):
     def no_scale(s):
         del s["model.layers.1.self_attn.k_proj.weight_scale_inv"]
     with pytest.raises(ValueError, match=r"lacks weights.*layers.1.self_attn.qkv_proj.weight_scale_inv:k"):
-        LLM(model=_edit(block_ckpt, tmp_path / "noscale", state=no_scale))
+        LLM(model=checkpoint_variant(block_ckpt, tmp_path / "noscale", edit_state=no_scale))
 
     def per_tensor_scale(s):
         s["model.layers.0.mlp.up_proj.weight_scale_inv"] = torch.ones(1)
     with pytest.raises(ValueError, match=r"up_proj.weight_scale_inv.: block scale is float32 \(1,\), expected a float "
                                          r"\(3, 2\) \(384 x 256 weight in 128 x 128 blocks\)"):
-        LLM(model=_edit(block_ckpt, tmp_path / "shape", state=per_tensor_scale))
+        LLM(model=checkpoint_variant(block_ckpt, tmp_path / "shape", edit_state=per_tensor_scale))
 
     def block64(q):
         q["weight_block_size"] = [64, 64]
     with pytest.raises(ValueError, match=r"down_proj.weight_scale_inv.: block scale is float32 \(2, 3\), expected a "
                                          r"float \(4, 6\)"):
-        LLM(model=_edit(block_ckpt, tmp_path / "b64", config=block64))
+        LLM(model=checkpoint_variant(block_ckpt, tmp_path / "b64", edit_config=block64))
 
     def no_block(q):
         q["weight_block_size"] = None
     with pytest.raises(ValueError, match=r"unexpected weight 'model.layers.0.mlp.down_proj.weight_scale_inv'"):
-        LLM(model=_edit(block_ckpt, tmp_path / "noblock", config=no_block))
+        LLM(model=checkpoint_variant(block_ckpt, tmp_path / "noblock", edit_config=no_block))
 
     def static(q):
         q["activation_scheme"] = "static"
     with pytest.raises(ValueError, match=r"weight_block_size support activation_scheme 'dynamic' only"):
-        LLM(model=_edit(block_ckpt, tmp_path / "static", config=static))
+        LLM(model=checkpoint_variant(block_ckpt, tmp_path / "static", edit_config=static))
 
     def ue8m0(q):
         q["scale_fmt"] = "ue8m0"
     with pytest.raises(ValueError, match=r"scale_fmt 'ue8m0' .* not supported; supported: float"):
-        LLM(model=_edit(block_ckpt, tmp_path / "ue8m0", config=ue8m0))
+        LLM(model=checkpoint_variant(block_ckpt, tmp_path / "ue8m0", edit_config=ue8m0))

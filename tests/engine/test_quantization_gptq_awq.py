@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import random
 import shutil
 
 import numpy as np
@@ -20,13 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pageant.engine import LLM, SamplingParams
-from pageant.engine.layers.linear import LinearBase
+from pageant.engine import LLM
 from pageant.engine.layers.quantization.awq import unpack_awq
 from pageant.engine.layers.quantization.gptq import pack_int32, unpack_int32
+from tests.engine.quant_helpers import MAX_NEW, checkpoint_variant, generate, hf_greedy, linears, random_prompts
 
-MAX_NEW = 8
-SP = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -177,31 +174,7 @@ def pairs(dense, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts() -> list[list[int]]:
-    rng = random.Random(0)
-    return [[1] + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 40))] for _ in range(5)]
-
-
-def hf_greedy(path: str, prompts) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    outs = []
-    with torch.no_grad():  # plain argmax steps (generate's min_new_tokens would ban EOS; ignore_eos does not)
-        for p in prompts:
-            ids = list(p)
-            for _ in range(MAX_NEW):
-                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-            outs.append(ids[len(p):])
-    return outs
-
-
-def generate(llm: LLM, prompts) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], SP,
-                                                          use_tqdm=False)]
-
-
-def linears(llm: LLM) -> dict[str, LinearBase]:
-    return {n: m for n, m in llm.engine.runner.model.named_modules() if isinstance(m, LinearBase)}
+    return random_prompts(5, 0)
 
 
 # --- unpacking against the bit-by-bit reference ----------------------------------------------------
@@ -250,7 +223,7 @@ def test_matches_dequantized_reference(pairs, prompts, scheme):
                  "gate_up_proj": ["gate_proj", "up_proj"]}.get(leaf, [leaf])
         expected_w = torch.cat([deqs[f"{head}.{p}"] for p in parts])
         assert torch.equal(layer.quant_method.dequantize(layer, torch.float32), expected_w), name
-    expected = hf_greedy(ref, prompts)
+    expected = hf_greedy(ref, prompts, cached=False)  # argmax steps: generate's min_new_tokens would ban EOS
     assert generate(LLM(model=ref), prompts) == expected
     assert generate(llm, prompts) == expected  # one batch
     assert [generate(llm, [p])[0] for p in prompts[:2]] == expected[:2]  # alone
@@ -268,19 +241,6 @@ def test_bfloat16_model(pairs, prompts):
 
 # --- bad checkpoints -------------------------------------------------------------------------------
 
-def _variant(src: str, dst: pathlib.Path, edit_config=None, edit_state=None) -> str:
-    shutil.copytree(src, dst)
-    if edit_config is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        edit_config(cfg["quantization_config"])
-        (dst / "config.json").write_text(json.dumps(cfg))
-    if edit_state is not None:
-        state = load_file(str(dst / "model.safetensors"))
-        edit_state(state)
-        save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return str(dst)
-
-
 def test_bad_gptq(pairs, tmp_path):
     gptq, _, _ = pairs("gptq-4bit-g32-sym")
 
@@ -288,44 +248,44 @@ def test_bad_gptq(pairs, tmp_path):
         s["model.layers.0.mlp.down_proj.qweight"] = s["model.layers.0.mlp.down_proj.qweight"][:-1].contiguous()
     with pytest.raises(ValueError, match=r"layers.0.mlp.down_proj.qweight.: GPTQ qweight is int32 \(15, 64\), "
                                          r"expected int32 \(16, 64\)"):
-        LLM(model=_variant(gptq, tmp_path / "shape", edit_state=short_qweight))
+        LLM(model=checkpoint_variant(gptq, tmp_path / "shape", edit_state=short_qweight))
 
     def as_8bit(q):
         q["bits"] = 8
     with pytest.raises(ValueError, match=r"down_proj.qweight.: GPTQ qweight is int32 \(16, 64\), "
                                          r"expected int32 \(32, 64\) \(128 input x 64 output 8-bit values"):
-        LLM(model=_variant(gptq, tmp_path / "bits8", as_8bit))
+        LLM(model=checkpoint_variant(gptq, tmp_path / "bits8", as_8bit))
 
     def no_scales(s):
         del s["model.layers.1.self_attn.k_proj.scales"]
     with pytest.raises(ValueError, match=r"lacks weights.*layers.1.self_attn.qkv_proj.scales:k"):
-        LLM(model=_variant(gptq, tmp_path / "noscale", edit_state=no_scales))
+        LLM(model=checkpoint_variant(gptq, tmp_path / "noscale", edit_state=no_scales))
 
     def bits3(q):
         q["bits"] = 3
     with pytest.raises(ValueError, match=r"GPTQ bits 3 is not supported; supported: 4, 8"):
-        LLM(model=_variant(gptq, tmp_path / "bits3", bits3))
+        LLM(model=checkpoint_variant(gptq, tmp_path / "bits3", bits3))
 
     def v2(q):
         q["checkpoint_format"] = "gptq_v2"
     with pytest.raises(ValueError, match=r"GPTQ checkpoint_format 'gptq_v2' is not supported"):
-        LLM(model=_variant(gptq, tmp_path / "v2", v2))
+        LLM(model=checkpoint_variant(gptq, tmp_path / "v2", v2))
 
     def no_bits(q):
         del q["bits"]
     with pytest.raises(ValueError, match=r"quant_method 'gptq' but no 'bits' setting"):
-        LLM(model=_variant(gptq, tmp_path / "nobits", no_bits))
+        LLM(model=checkpoint_variant(gptq, tmp_path / "nobits", no_bits))
 
     def g_idx_disagrees(s):
         g = s["model.layers.0.self_attn.v_proj.g_idx"]
         s["model.layers.0.self_attn.v_proj.g_idx"] = g.flip(0).contiguous()
     with pytest.raises(ValueError, match=r"v_proj.g_idx.: GPTQ g_idx of shard 'v' differs from that of shard '[kq]'"):
-        LLM(model=_variant(gptq, tmp_path / "gidx", edit_state=g_idx_disagrees))
+        LLM(model=checkpoint_variant(gptq, tmp_path / "gidx", edit_state=g_idx_disagrees))
 
     def g_idx_range(s):
         s["model.layers.0.mlp.up_proj.g_idx"] = torch.full((64,), 2, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"up_proj.g_idx.: GPTQ g_idx has groups outside \[0, 2\)"):
-        LLM(model=_variant(gptq, tmp_path / "gidx2", edit_state=g_idx_range))
+        LLM(model=checkpoint_variant(gptq, tmp_path / "gidx2", edit_state=g_idx_range))
 
 
 def test_bad_awq(pairs, tmp_path):
@@ -334,25 +294,25 @@ def test_bad_awq(pairs, tmp_path):
     def gemv(q):
         q["version"] = "gemv"
     with pytest.raises(ValueError, match=r"AWQ version 'gemv' is not supported; supported: 'gemm'"):
-        LLM(model=_variant(awq, tmp_path / "gemv", gemv))
+        LLM(model=checkpoint_variant(awq, tmp_path / "gemv", gemv))
 
     def bits8(q):
         q["bits"] = 8
     with pytest.raises(ValueError, match=r"AWQ bits 8 is not supported; supported: 4"):
-        LLM(model=_variant(awq, tmp_path / "bits8", bits8))
+        LLM(model=checkpoint_variant(awq, tmp_path / "bits8", bits8))
 
     def transposed(s):
         s["model.layers.1.mlp.gate_proj.qweight"] = torch.zeros(16, 64, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"gate_proj.qweight.: AWQ qweight is int32 \(16, 64\), "
                                          r"expected int32 \(64, 16\)"):
-        LLM(model=_variant(awq, tmp_path / "shape", edit_state=transposed))
+        LLM(model=checkpoint_variant(awq, tmp_path / "shape", edit_state=transposed))
 
     def no_scales(s):
         del s["model.layers.0.mlp.down_proj.scales"]
     with pytest.raises(ValueError, match=r"lacks weights.*layers.0.mlp.down_proj.scales"):
-        LLM(model=_variant(awq, tmp_path / "noscale", edit_state=no_scales))
+        LLM(model=checkpoint_variant(awq, tmp_path / "noscale", edit_state=no_scales))
 
     def group64(q):
         q["group_size"] = 64
     with pytest.raises(ValueError, match=r"down_proj.qzeros.: AWQ qzeros is int32 \(4, 8\), expected int32 \(2, 8\)"):
-        LLM(model=_variant(awq, tmp_path / "group", group64))
+        LLM(model=checkpoint_variant(awq, tmp_path / "group", group64))

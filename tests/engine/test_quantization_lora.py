@@ -14,31 +14,11 @@ import torch
 pytest.importorskip("compressed_tensors")
 pytest.importorskip("peft")
 
-from pageant.engine import LLM, LoRARequest, SamplingParams  # noqa: E402
+from pageant.engine import LLM, LoRARequest  # noqa: E402
 from pageant.engine.layers.quantization.checkpoints import compressed_tensors_checkpoint  # noqa: E402
+from tests.engine.quant_helpers import generate, hf_greedy  # noqa: E402
 
-MAX_NEW = 8
-SP = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def hf_greedy(path: str, prompts, adapter: str | None) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.eval().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
-                                        do_sample=False, min_new_tokens=MAX_NEW, pad_token_id=0)
-            outs.append(gen[0, len(p):].tolist())
-    return outs
 
 
 def test_lora_on_int4_base_mixed_batch_with_prefix_caching(make_checkpoint, make_adapter, tmp_path):
@@ -49,7 +29,8 @@ def test_lora_on_int4_base_mixed_batch_with_prefix_caching(make_checkpoint, make
     rng = random.Random(3)
     shared = [1] + [rng.randrange(3, 500) for _ in range(19)]  # a 20-token prefix, 5 full blocks of 4
     prompts = [shared + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 12))] for _ in range(6)]
-    expected = {None: hf_greedy(path, prompts, None), "a": hf_greedy(path, prompts, adapter)}
+    expected = {None: hf_greedy(path, prompts, dequantize=True),
+                "a": hf_greedy(path, prompts, dequantize=True, adapter=adapter)}
     assert expected["a"] != expected[None]  # the adapter matters
 
     llm = LLM(model=path, enable_lora=True, max_loras=1, max_lora_rank=4, enable_prefix_caching=True, block_size=4,
@@ -59,9 +40,8 @@ def test_lora_on_int4_base_mixed_batch_with_prefix_caching(make_checkpoint, make
     req = LoRARequest("a", 1, adapter)
     order = ["a", None, "a", None, None, "a"]
     for round_ in range(2):  # the second round reads the shared blocks from the prefix cache
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SP,
-                            lora_request=[req if o else None for o in order], use_tqdm=False)
+        outs = generate(llm, prompts, lora_request=[req if o else None for o in order])
         for i, (out, o) in enumerate(zip(outs, order)):
-            assert out.outputs[0].token_ids == expected[o][i], f"round {round_}, prompt {i}, adapter {o}"
+            assert out == expected[o][i], f"round {round_}, prompt {i}, adapter {o}"
         order = order[::-1]
     assert llm.stats()["prefix_cache_hits"] > 0

@@ -159,6 +159,24 @@ def load_input_param(layer: nn.Module, name: str, param, loaded: torch.Tensor, s
     return True
 
 
+def load_input_or_weight(layer: nn.Module, name: str, param, loaded: torch.Tensor, shard_id, dense,
+                         storage: torch.dtype, what: str) -> bool:
+    """What every method keeping the checkpoint's ``[out, in]`` ``weight`` as ``storage`` values
+    (FP8, int8; ``what`` names them in errors) loads alike: static input scales and zero points
+    (``load_input_param``), and the weight, checked against the checkpoint part's shape and placed
+    (split along its inputs on a row-parallel rank). False for other tensors (scales, a bias)."""
+    if load_input_param(layer, name, param, loaded, shard_id, dense):
+        return True
+    if name != "weight":
+        return False
+    rows, cols = checkpoint_rows(layer, shard_id), layer.input_size
+    if loaded.dtype != storage or tuple(loaded.shape) != (rows, cols):
+        raise ValueError(f"{what} weight is {loaded.dtype} {tuple(loaded.shape)}, expected "
+                         f"{str(storage).replace('torch.', '')} {(rows, cols)}")
+    place(layer, param, loaded, shard_id, dense, input_dim=1)
+    return True
+
+
 def linear(layer: nn.Module, args: InputArgs | None, x: torch.Tensor, weight: torch.Tensor,
            bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` of the (fake-)quantized input and the dequantized ``weight`` [out, in]:

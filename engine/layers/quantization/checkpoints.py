@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -188,24 +188,35 @@ def _int4_groups(w: torch.Tensor, group_size: int, sym: bool):
     return q.flatten(-2), zero, scale
 
 
-def gptq_checkpoint(dense: str, out: str | pathlib.Path, group_size: int = 128, sym: bool = True) -> str:
-    """AutoGPTQ v1 int4 (``desc_act`` false): ``qweight`` packed along the input dim, ``qzeros``
-    stored as ``zero - 1``, float16 ``scales``, ``g_idx``."""
-    from pageant.engine.layers.quantization.gptq import pack_int32
-
+def _int4_checkpoint(dense: str, out: str | pathlib.Path, group_size: int, sym: bool, pack: Callable,
+                     qcfg: dict) -> str:
+    """``dense`` with every linear weight quantized by ``_int4_groups``; ``pack(q, zero, scale)``
+    gives the module's tensors by name (``qweight``, ...); the other tensors are kept as they are."""
     state = {}
     for name, t, quantize in _linear_weights(dense):
         if not quantize:
             state[name] = t
             continue
         mod = name.removesuffix(".weight")
-        q, zero, scale = _int4_groups(t, group_size, sym)
-        state[f"{mod}.qweight"] = pack_int32(q, 4).t().contiguous()  # [in / 8, out]
-        state[f"{mod}.qzeros"] = pack_int32(((zero - 1) & 15).t(), 4)  # [groups, out / 8]
-        state[f"{mod}.scales"] = scale.t().contiguous()
-        state[f"{mod}.g_idx"] = (torch.arange(t.shape[1]) // group_size).to(torch.int32)
-    return _save(state, dense, pathlib.Path(out), {"quant_method": "gptq", "bits": 4, "group_size": group_size,
-                                                   "desc_act": False, "sym": sym, "checkpoint_format": "gptq"})
+        for suffix, tensor in pack(*_int4_groups(t, group_size, sym)).items():
+            state[f"{mod}.{suffix}"] = tensor
+    return _save(state, dense, pathlib.Path(out), qcfg)
+
+
+def gptq_checkpoint(dense: str, out: str | pathlib.Path, group_size: int = 128, sym: bool = True) -> str:
+    """AutoGPTQ v1 int4 (``desc_act`` false): ``qweight`` packed along the input dim, ``qzeros``
+    stored as ``zero - 1``, float16 ``scales``, ``g_idx``."""
+    from pageant.engine.layers.quantization.gptq import pack_int32
+
+    def pack(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"qweight": pack_int32(q, 4).t().contiguous(),  # [in / 8, out]
+                "qzeros": pack_int32(((zero - 1) & 15).t(), 4),  # [groups, out / 8]
+                "scales": scale.t().contiguous(),
+                "g_idx": (torch.arange(q.shape[1]) // group_size).to(torch.int32)}
+
+    return _int4_checkpoint(dense, out, group_size, sym, pack, {
+        "quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False, "sym": sym,
+        "checkpoint_format": "gptq"})
 
 
 def awq_checkpoint(dense: str, out: str | pathlib.Path, group_size: int = 128) -> str:
@@ -218,15 +229,8 @@ def awq_checkpoint(dense: str, out: str | pathlib.Path, group_size: int = 128) -
         v = values.unflatten(-1, (-1, 8))[..., list(AWQ_ORDER)].flatten(-2)
         return pack_int32(v, 4)
 
-    state = {}
-    for name, t, quantize in _linear_weights(dense):
-        if not quantize:
-            state[name] = t
-            continue
-        mod = name.removesuffix(".weight")
-        q, zero, scale = _int4_groups(t, group_size, sym=False)
-        state[f"{mod}.qweight"] = pack_awq(q.t())
-        state[f"{mod}.qzeros"] = pack_awq(zero.t())
-        state[f"{mod}.scales"] = scale.t().contiguous()
-    return _save(state, dense, pathlib.Path(out), {"quant_method": "awq", "bits": 4, "group_size": group_size,
-                                                   "zero_point": True, "version": "gemm"})
+    def pack(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"qweight": pack_awq(q.t()), "qzeros": pack_awq(zero.t()), "scales": scale.t().contiguous()}
+
+    return _int4_checkpoint(dense, out, group_size, False, pack, {
+        "quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"})

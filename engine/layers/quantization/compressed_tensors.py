@@ -324,15 +324,10 @@ class CompressedTensorsW8A16Fp8Method:
 
     def weight_loader(self, layer, param, loaded: torch.Tensor, shard_id, dense: Callable) -> None:
         name = _param_name(layer, param)
-        rows, cols = checkpoint_rows(layer, shard_id), layer.input_size
         what = "FP8" if self.storage == torch.float8_e4m3fn else "int8"
-        if act.load_input_param(layer, name, param, loaded, shard_id, dense):
+        if act.load_input_or_weight(layer, name, param, loaded, shard_id, dense, self.storage, what):
             return
-        if name == "weight":
-            if loaded.dtype != self.storage or tuple(loaded.shape) != (rows, cols):
-                raise ValueError(f"{what} weight is {loaded.dtype} {tuple(loaded.shape)}, expected "
-                                 f"{str(self.storage).replace('torch.', '')} {(rows, cols)}")
-            return place(layer, param, loaded, shard_id, dense, input_dim=1)
+        rows = checkpoint_rows(layer, shard_id)
         if name == "weight_scale":
             if loaded.numel() == 1:  # per tensor: one scale per row of this shard
                 loaded = loaded.reshape(1, 1).expand(rows, 1)

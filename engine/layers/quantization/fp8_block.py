@@ -68,14 +68,9 @@ class BlockFp8Method:
 
     def weight_loader(self, layer, param, loaded: torch.Tensor, shard_id, dense: Callable) -> None:
         name = param_name(layer, param)
-        rows, cols = checkpoint_rows(layer, shard_id), layer.input_size
-        if act.load_input_param(layer, name, param, loaded, shard_id, dense):
+        if act.load_input_or_weight(layer, name, param, loaded, shard_id, dense, torch.float8_e4m3fn, "FP8"):
             return
-        if name == "weight":
-            if loaded.dtype != torch.float8_e4m3fn or tuple(loaded.shape) != (rows, cols):
-                raise ValueError(f"FP8 weight is {loaded.dtype} {tuple(loaded.shape)}, expected float8_e4m3fn "
-                                 f"{(rows, cols)}")
-            return place(layer, param, loaded, shard_id, dense, input_dim=1)
+        rows, cols = checkpoint_rows(layer, shard_id), layer.input_size
         if name != self.scale_name:  # a bias
             return place(layer, param, loaded, shard_id, dense, input_dim=None)
         bn, bk = self.block

@@ -43,13 +43,9 @@ class CompressedTensorsW8A8Int8Method:
 
     def weight_loader(self, layer, param, loaded: torch.Tensor, shard_id, dense: Callable) -> None:
         name = param_name(layer, param)
-        rows, cols = checkpoint_rows(layer, shard_id), layer.input_size
-        if act.load_input_param(layer, name, param, loaded, shard_id, dense):
+        if act.load_input_or_weight(layer, name, param, loaded, shard_id, dense, torch.int8, "int8"):
             return
-        if name == "weight":
-            if loaded.dtype != torch.int8 or tuple(loaded.shape) != (rows, cols):
-                raise ValueError(f"int8 weight is {loaded.dtype} {tuple(loaded.shape)}, expected int8 {(rows, cols)}")
-            return place(layer, param, loaded, shard_id, dense, input_dim=1)
+        rows, cols = checkpoint_rows(layer, shard_id), layer.input_size
         per_group = name == "weight_scale" and self.args.strategy == "group"
         if name == "weight_scale":
             want = (rows, self.groups(cols))
