@@ -5,24 +5,12 @@ head is replicated on both ranks; Phi-3's fused projections)."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from pageant.engine import LLM, SamplingParams
+from tests.engine.test_model_families import mixed_prompts, shared_prefix_prompts
 
 MAX_NEW = 10
-
-
-def mixed_prompts(n: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[1] + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 60))] for _ in range(n)]
-
-
-def shared_prefix_prompts(n: int, seed: int = 1) -> list[list[int]]:
-    rng = random.Random(seed)
-    prefix = [1] + [rng.randrange(3, 500) for _ in range(33)]
-    return [prefix + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 12))] for _ in range(n)]
 
 
 def generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:

@@ -11,12 +11,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def _single_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from tests.engine.conftest import _single_torch_thread  # noqa: E402,F401 - autouse here too
 
 
 @pytest.fixture(scope="session")
