@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
 
 from pageant.engine.detokenizer import detokenize_incrementally, find_stop_string, held_back_chars
 from pageant.engine.model_runner import ModelInput
-from pageant.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from pageant.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pageant.engine.sampler import SamplerOutput, prompt_logprobs
 from pageant.engine.scheduler import Scheduler, SchedulerOutput
 from pageant.engine.sequence import Request, Sequence
@@ -97,7 +96,8 @@ class OutputProcessor:
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.request.params
-        stops_active = seq.num_output_tokens >= params.min_tokens
+        num_output = len(seq.token_ids) - seq.request.num_prompt_tokens  # (seq.num_output_tokens, once)
+        stops_active = num_output >= params.min_tokens
         if stops_active:
             if not params.ignore_eos and token in seq.request.eos_token_ids:
                 self._finish(seq, "stop", None)
@@ -115,7 +115,7 @@ class OutputProcessor:
                 seq.text = seq.text[: index + (len(stop) if params.include_stop_str_in_output else 0)]
                 self._finish(seq, "stop", stop)
                 return
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, "length", None)
             return
         seq.output_text_len = len(seq.text) - (
@@ -158,5 +158,5 @@ class OutputProcessor:
             prompt_logprobs=list(request.prompt_logprobs) if request.prompt_logprobs is not None else None,
             outputs=outputs,
             finished=finished,
-            metrics=dataclasses.replace(request.metrics),
+            metrics=RequestMetrics(**request.metrics.__dict__),  # a snapshot (cheaper than dataclasses.replace)
         )

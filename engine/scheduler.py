@@ -81,6 +81,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []
+        self._running_sorted = True  # running is in sort_key order (appends clear it; pops and removals keep it)
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------ queues
@@ -120,14 +121,17 @@ class Scheduler:
         newly_cached: list[int] = []
         preempted: list[Sequence] = []
 
-        self.running.sort(key=lambda s: s.sort_key)
+        if not self._running_sorted:  # (a steady decode batch skips the sort)
+            self.running.sort(key=lambda s: s.sort_key)
+            self._running_sorted = True
         i = 0
         while i < len(self.running) and budget > 0 and len(chosen) < self.max_num_seqs:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_left = seq.num_tokens - seq.num_computed_tokens
+            num_new = min(num_left, budget)
             # a decode with proposals (speculative decoding) computes them too, as budget and pool
             # allow (proposals never preempt anyone)
-            spec = seq.spec_token_ids[: budget - 1] if seq.num_tokens - seq.num_computed_tokens == 1 else []
+            spec = seq.spec_token_ids[: budget - 1] if num_left == 1 and seq.spec_token_ids else []
             if spec and not bm.can_allocate(seq, 1 + len(spec)):
                 spec = []
             num_new += len(spec)
@@ -164,6 +168,7 @@ class Scheduler:
                 loras.add(lora)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            self._running_sorted = False
             if cached is not None:
                 bm.admit(seq, cached)
             self._take(seq, num_new, chosen, copies, newly_cached)
@@ -206,7 +211,7 @@ class Scheduler:
         seq.num_computed_tokens += num_new - len(spec)
         newly_cached += self.block_manager.cache_blocks(seq)
         chosen.append(ScheduledSeq(seq, start, num_new, sample=seq.num_computed_tokens == seq.num_tokens,
-                                   spec_token_ids=list(spec)))
+                                   spec_token_ids=list(spec) if spec else []))
         if seq.request.metrics.first_scheduled_time is None:
             seq.request.metrics.first_scheduled_time = time.time()
 
@@ -224,5 +229,6 @@ class Scheduler:
             self.block_manager.fork(seq, child)
             child.status = SequenceStatus.RUNNING
             self.running.append(child)
+            self._running_sorted = False
             children.append(child)
         return children

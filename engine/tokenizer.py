@@ -30,6 +30,7 @@ class Tokenizer:
         self.eos_token_ids: frozenset[int] = frozenset(ids)
         self.vocab_size: int = len(self.hf_tokenizer)
         self.all_special_ids: frozenset[int] = frozenset(self.hf_tokenizer.all_special_ids)
+        self._backend = _exact_backend(self.hf_tokenizer)  # the Rust tokenizer, where decode is only it
 
     def encode(self, text: str) -> list[int]:
         ids = list(self.hf_tokenizer.encode(text, add_special_tokens=True))
@@ -39,6 +40,12 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """The text of ``ids``, as ``hf_tokenizer.decode`` gives it. For a fast tokenizer that does
+        no clean-up after the Rust decoder (the usual case) the Rust decoder is called directly:
+        the same string without transformers' per-call argument handling (detokenization calls
+        this twice per generated token)."""
+        if self._backend is not None and type(ids) is list:  # (anything else: transformers converts it)
+            return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return self.hf_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
@@ -54,3 +61,18 @@ class Tokenizer:
             )
         except Exception as exc:  # template errors on bad roles / shapes are the caller's fault
             raise InvalidRequestError(f"could not apply the chat template: {exc}") from exc
+
+
+def _exact_backend(hf_tokenizer: Any) -> Any | None:
+    """``hf_tokenizer``'s Rust ``tokenizers.Tokenizer`` when its ``decode`` of a list of ids is
+    exactly the Rust decoder's output: a fast tokenizer whose class keeps transformers' own
+    ``_decode`` and that does not clean up tokenization spaces afterwards. Else None."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # an older transformers: always go through hf_tokenizer.decode
+        return None
+    if not isinstance(hf_tokenizer, TokenizersBackend) or type(hf_tokenizer)._decode is not TokenizersBackend._decode:
+        return None
+    if getattr(hf_tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+    return getattr(hf_tokenizer, "_tokenizer", None)
