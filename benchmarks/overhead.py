@@ -39,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=8, help="decode steps run before timing")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="batch sizes 1 and 16, 8 steps, 1 round")
+    p.add_argument("--output-kind", default="cumulative", choices=["cumulative", "delta", "final_only"],
+                   help="the requests' SamplingParams.output_kind (cumulative: a full RequestOutput per "
+                        "request per step, as a streaming client of LLMEngine gets; final_only: as LLM.generate)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.steps, args.warmup_steps, args.repeats = "1,16", 8, 2, 1
@@ -83,11 +86,12 @@ def measure(llm, batch: int, args, round_index: int) -> dict[str, float]:
     """Median step and forward time (seconds) of ``args.steps`` decode-only steps at ``batch``."""
     import torch
 
-    from pageant.engine import SamplingParams
+    from pageant.engine import RequestOutputKind, SamplingParams
 
     engine = llm.engine
     g = torch.Generator().manual_seed(round_index * 1000 + batch)
-    sp = SamplingParams(temperature=0, max_tokens=args.warmup_steps + args.steps + 2, ignore_eos=True)
+    sp = SamplingParams(temperature=0, max_tokens=args.warmup_steps + args.steps + 2, ignore_eos=True,
+                        output_kind=RequestOutputKind[args.output_kind.upper()])
     for i in range(batch):
         prompt = [1] + torch.randint(3, 500, (args.prompt_len - 1,), generator=g).tolist()
         engine.add_request(f"r{round_index}-{batch}-{i}", prompt, sp)

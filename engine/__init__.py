@@ -1,13 +1,13 @@
 """The inference engine: paged KV cache, continuous batching, OpenAI-compatible server.
 
 Public names: ``LLM`` (offline), ``LLMEngine`` (online, single-threaded), ``EngineConfig``,
-``SamplingParams``, ``BeamSearchParams``, the output dataclasses and the exceptions. Heavy modules (torch, the model
+``SamplingParams`` (and its ``RequestOutputKind``), ``BeamSearchParams``, the output dataclasses and the exceptions. Heavy modules (torch, the model
 code) load lazily on first use of ``LLM``/``LLMEngine``/``EngineConfig``.
 """
 
 from pageant.engine.exceptions import EngineStepError, InvalidRequestError
 from pageant.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from pageant.engine.sampling_params import SamplingParams
+from pageant.engine.sampling_params import RequestOutputKind, SamplingParams
 from pageant.engine.structured_outputs.params import StructuredOutputsParams
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "LLMEngine",
     "EngineConfig",
     "SamplingParams",
+    "RequestOutputKind",
     "RequestOutput",
     "CompletionOutput",
     "Logprob",

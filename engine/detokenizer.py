@@ -17,11 +17,35 @@ def detokenize_incrementally(tokenizer: Tokenizer, seq: Sequence, skip_special_t
     ids = seq.token_ids
     prefix_text = tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens)
     new_text = tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens)
+    return _advance(seq, prefix_text, new_text)
+
+
+def detokenize_batch(tokenizer: Tokenizer, seqs: list[Sequence]) -> list[str]:
+    """``detokenize_incrementally`` for each of ``seqs`` (distinct sequences, each with its own
+    ``skip_special_tokens``): one batched decoder call per ``skip_special_tokens`` value for all
+    their windows, instead of two calls per sequence. Returns each one's new text."""
+    deltas = [""] * len(seqs)
+    groups: dict[bool, list[int]] = {}
+    for i, seq in enumerate(seqs):
+        groups.setdefault(seq.request.params.skip_special_tokens, []).append(i)
+    for skip, rows in groups.items():
+        windows = [seqs[i].token_ids[seqs[i].prefix_offset : seqs[i].read_offset] for i in rows]
+        windows += [seqs[i].token_ids[seqs[i].prefix_offset :] for i in rows]
+        texts = tokenizer.decode_batch(windows, skip)
+        n = len(rows)
+        for j, i in enumerate(rows):
+            deltas[i] = _advance(seqs[i], texts[j], texts[n + j])
+    return deltas
+
+
+def _advance(seq: Sequence, prefix_text: str, new_text: str) -> str:
+    """Given the texts of the windows ``[prefix_offset:read_offset]`` and ``[prefix_offset:]``,
+    append what is new to ``seq.text``, move the offsets, and return it."""
     if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
         return ""  # nothing new yet, or an incomplete UTF-8 sequence: wait for more tokens
     delta = new_text[len(prefix_text) :]
     seq.prefix_offset = seq.read_offset
-    seq.read_offset = len(ids)
+    seq.read_offset = len(seq.token_ids)
     seq.text += delta
     return delta
 

@@ -226,7 +226,9 @@ class LLMEngine(EngineLoRA):
         for request in dict.fromkeys(failed):
             logger.warning("request %s: %s", request.request_id, request.grammar.error)
             self.abort_request(request.request_id)
-            outputs.append(self.outputs.make_output(request))
+            out = self.outputs.make_output(request)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
     def _pooling_state(self, params: Any) -> PoolingState | None:
@@ -303,7 +305,8 @@ class LLMEngine(EngineLoRA):
             if self.fatal_error is not None:  # a rank is gone: no later step can run either
                 raise
             raise EngineStepError(ids, exc) from exc
-        self.prompt_tokens_total += sum(s.num_prompt_tokens for s in rows if s.index == 0 and s.num_output_tokens == 0)
+        self.prompt_tokens_total += sum(len(s.request.prompt_token_ids) for s in rows  # (a request's first token)
+                                        if len(s.token_ids) == len(s.request.prompt_token_ids) and s.index == 0)
         self.generation_tokens_total += len(rows)
         if out.prompt_logits is not None:
             self.outputs.add_prompt_logprobs(so, inp, out.prompt_logits)
@@ -322,12 +325,15 @@ class LLMEngine(EngineLoRA):
             if seq.finish_reason is None:
                 self.outputs._finish(seq, "stop", None)  # (all its text is shown)
                 self.scheduler.finish(seq)
+        now = time.time()
         for request in touched:
             if request.is_finished:
-                request.metrics.finished_time = time.time()
+                request.metrics.finished_time = now
                 if self.requests.pop(request.request_id, None) is not None:
                     self._release_lora(request)
-            results.append(self.outputs.make_output(request))
+            out = self.outputs.make_output(request)
+            if out is not None:  # (FINAL_ONLY requests report only when they finish)
+                results.append(out)
         return results
 
     def reset_prefix_cache(self) -> None:

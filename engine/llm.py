@@ -15,9 +15,24 @@ from pageant.engine.exceptions import InvalidRequestError
 from pageant.engine.lora import LoRARequest
 from pageant.engine.outputs import EmbeddingRequestOutput, RequestOutput
 from pageant.engine.pooling import PoolingParams
-from pageant.engine.sampling_params import SamplingParams
+from pageant.engine.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int] | dict
+
+
+def _final_only(params: list) -> list:
+    """The sampling params with ``output_kind`` FINAL_ONLY (as vLLM's ``LLM`` does: only the
+    finished outputs are returned, so the engine builds no per-step ones); one copy per distinct
+    object, the caller's left unchanged."""
+    copies: dict[int, Any] = {}
+    out = []
+    for p in params:
+        if isinstance(p, SamplingParams) and p.output_kind is not RequestOutputKind.FINAL_ONLY:
+            if id(p) not in copies:
+                copies[id(p)] = p.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+            p = copies[id(p)]
+        out.append(p)
+    return out
 
 
 class LLM:
@@ -63,6 +78,7 @@ class LLM:
         )
         if len(params) != len(prompts):
             raise InvalidRequestError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        params = _final_only(params)
         priorities = list(priority) if priority is not None else [0] * len(prompts)
         if len(priorities) != len(prompts):
             raise InvalidRequestError(f"got {len(priorities)} priorities for {len(prompts)} prompts")

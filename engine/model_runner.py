@@ -16,6 +16,7 @@ returns no output.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import pathlib
 from dataclasses import dataclass
@@ -216,19 +217,33 @@ class ModelRunner:
         seq_lens = starts + q_lens
         positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(cu[:-1] - starts, q_lens)
         input_ids: list[int] = []
+        tables = []
+        any_spec = False
         for s in sched:  # known tokens, then any speculative proposals after them
-            input_ids.extend(s.seq.token_ids[s.start : s.start + s.num_new_tokens - len(s.spec_token_ids)])
+            seq = s.seq
+            tables.append(seq.block_table)
+            if s.num_new_tokens == 1 and not s.spec_token_ids:
+                input_ids.append(seq.token_ids[s.start])
+                continue
+            any_spec = any_spec or bool(s.spec_token_ids)
+            input_ids.extend(seq.token_ids[s.start : s.start + s.num_new_tokens - len(s.spec_token_ids)])
             input_ids.extend(s.spec_token_ids)
-        width = max(len(s.seq.block_table) for s in sched)
+        # ragged block tables -> one zero-padded array, without a Python loop over rows
+        table_lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+        width = int(table_lens.max())
         block_tables = np.zeros((len(sched), width), dtype=np.int32)
-        for i, s in enumerate(sched):
-            block_tables[i, : len(s.seq.block_table)] = s.seq.block_table
+        block_tables[np.arange(width)[None, :] < table_lens[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(tables), dtype=np.int32, count=int(table_lens.sum()))
         seq_index = np.repeat(np.arange(len(sched)), q_lens)
         slot_mapping = block_tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
         # one row per sample row; a row verifying k proposals gets the k + 1 positions ending its query
-        logits_indices = np.array([j for _, idx in so.sample_rows
-                                   for j in range(cu[idx + 1] - 1 - len(sched[idx].spec_token_ids), cu[idx + 1])],
-                                  dtype=np.int64)
+        if any_spec:
+            logits_indices = np.array([j for _, idx in so.sample_rows
+                                       for j in range(cu[idx + 1] - 1 - len(sched[idx].spec_token_ids), cu[idx + 1])],
+                                      dtype=np.int64)
+        else:
+            row_index = np.fromiter((idx for _, idx in so.sample_rows), dtype=np.int64, count=len(so.sample_rows))
+            logits_indices = cu[row_index + 1] - 1
 
         prompt_idx: list[np.ndarray] = []
         prompt_tgt: list[int] = []
@@ -251,7 +266,7 @@ class ModelRunner:
             prompt_spans=spans,
             blocks_to_copy=tuple(so.blocks_to_copy),
             lora_names=tuple(s.seq.request.lora_name for s in sched) if self.lora_manager is not None else None,
-            num_new_tokens=tuple(int(n) for n in q_lens),
+            num_new_tokens=tuple(q_lens.tolist()),
             pooling=any(s.seq.request.pooling is not None for s in sched),
             mm=build_mm_batch(sched, cu, positions) if self.encoder_cache is not None else None,
         )

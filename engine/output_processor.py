@@ -6,10 +6,11 @@ import time
 
 import torch
 
-from pageant.engine.detokenizer import detokenize_incrementally, find_stop_string, held_back_chars
+from pageant.engine.detokenizer import detokenize_batch, detokenize_incrementally, find_stop_string, held_back_chars
 from pageant.engine.model_runner import ModelInput
 from pageant.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pageant.engine.sampler import SamplerOutput, prompt_logprobs
+from pageant.engine.sampling_params import RequestOutputKind
 from pageant.engine.scheduler import Scheduler, SchedulerOutput
 from pageant.engine.sequence import Request, Sequence
 from pageant.engine.tokenizer import Tokenizer
@@ -67,59 +68,82 @@ class OutputProcessor:
     def process_samples(self, so: SchedulerOutput, sampled: SamplerOutput, scheduler: Scheduler) -> list[Request]:
         """Append each row's token to its sequence, apply stop rules (finished sequences leave the
         scheduler at once) and return the requests touched, in order."""
-        now = time.time()
-        touched: dict[str, Request] = {}
-        for row, (seq, _) in enumerate(so.sample_rows):
-            self.append_token(seq, sampled.token_ids[row], sampled.logprobs[row], sampled.ranks[row],
-                              sampled.top[row], now, scheduler)
-            touched[seq.request_id] = seq.request
-        return list(touched.values())
+        ids, lps, ranks, tops = sampled.token_ids, sampled.logprobs, sampled.ranks, sampled.top
+        rows = so.sample_rows
+        self.append_tokens([(seq, ids[r], lps[r], ranks[r], tops[r]) for r, (seq, _) in enumerate(rows)],
+                           time.time(), scheduler)
+        return list(dict.fromkeys(seq.request for seq, _ in rows))
 
     def append_token(self, seq: Sequence, token: int, logprob: float, rank: int | None,
                      top: tuple[list[int], list[float]] | None, now: float, scheduler: Scheduler) -> bool:
         """Append one sampled token and apply the stop rules (a finished sequence leaves the
         scheduler at once); True when the sequence finished."""
-        seq.token_ids.append(token)
-        seq.cumulative_logprob += logprob
-        if seq.logprobs is not None:
-            top = top or ([], [])
-            seq.logprobs.append(self._logprob_dict(top[0], top[1], token, logprob, rank))
-        request = seq.request
-        if request.metrics.first_token_time is None:
-            request.metrics.first_token_time = now
-        request.metrics.last_token_time = now
-        self._check_stop(seq, token)
-        if seq.finish_reason is not None:
-            scheduler.finish(seq)
-            return True
-        return False
+        self.append_tokens([(seq, token, logprob, rank, top)], now, scheduler)
+        return seq.finish_reason is not None
 
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        params = seq.request.params
-        num_output = len(seq.token_ids) - seq.request.num_prompt_tokens  # (seq.num_output_tokens, once)
-        stops_active = num_output >= params.min_tokens
-        if stops_active:
-            if not params.ignore_eos and token in seq.request.eos_token_ids:
-                self._finish(seq, "stop", None)
-                return
-            if token in params.stop_ids:
-                if params.include_stop_str_in_output:
-                    detokenize_incrementally(self.tokenizer, seq, params.skip_special_tokens)
+    def append_tokens(self, rows: list[tuple[Sequence, int, float, int | None, tuple | None]], now: float,
+                      scheduler: Scheduler) -> None:
+        """``append_token`` for many sequences (each at most once): the token checks per row, then
+        the detokenization of every row that needs text in one batched decoder call
+        (``detokenize_batch``), then the text checks."""
+        pending: list[tuple[Sequence, int, int, bool]] = []  # (seq, token, num_output, ends at a stop token)
+        for seq, token, logprob, rank, top in rows:
+            seq.token_ids.append(token)
+            seq.cumulative_logprob += logprob
+            if seq.logprobs is not None:
+                top = top or ([], [])
+                seq.logprobs.append(self._logprob_dict(top[0], top[1], token, logprob, rank))
+            request = seq.request
+            metrics = request.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+            params = request.params
+            num_output = len(seq.token_ids) - len(request.prompt_token_ids)
+            if num_output >= params.min_tokens:
+                if not params.ignore_eos and token in request.eos_token_ids:
+                    self._finish(seq, "stop", None)
+                    scheduler.finish(seq)
+                    continue
+                if token in params.stop_ids:
+                    if params.include_stop_str_in_output:
+                        pending.append((seq, token, num_output, True))  # its text is shown: decode it first
+                        continue
+                    self._finish(seq, "stop", token)
+                    scheduler.finish(seq)
+                    continue
+            pending.append((seq, token, num_output, False))
+        if not pending:
+            return
+        if len(pending) == 1:
+            seq = pending[0][0]
+            deltas = [detokenize_incrementally(self.tokenizer, seq, seq.request.params.skip_special_tokens)]
+        else:
+            deltas = detokenize_batch(self.tokenizer, [p[0] for p in pending])
+        for (seq, token, num_output, stop_token), delta in zip(pending, deltas):
+            if stop_token:
                 self._finish(seq, "stop", token)
-                return
-        delta = detokenize_incrementally(self.tokenizer, seq, params.skip_special_tokens)
-        if stops_active and delta and params.stop_strs:
+            elif not self._check_text(seq, delta, num_output):
+                continue
+            scheduler.finish(seq)
+
+    def _check_text(self, seq: Sequence, delta: str, num_output: int) -> bool:
+        """Stop strings in the new text, then the length limits; True when ``seq`` finished. Else
+        sets how much of the text may be shown (not a possible start of a stop string)."""
+        params = seq.request.params
+        if delta and params.stop_strs and num_output >= params.min_tokens:
             hit = find_stop_string(seq.text, len(delta), params.stop_strs, params.max_stop_len)
             if hit is not None:
                 stop, index = hit
                 seq.text = seq.text[: index + (len(stop) if params.include_stop_str_in_output else 0)]
                 self._finish(seq, "stop", stop)
-                return
+                return True
         if num_output >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, "length", None)
-            return
+            return True
         seq.output_text_len = len(seq.text) - (
             held_back_chars(seq.text, params.stop_strs, params.max_stop_len) if params.stop_strs else 0)
+        return False
 
     @staticmethod
     def _finish(seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
@@ -128,35 +152,60 @@ class OutputProcessor:
         seq.output_text_len = len(seq.text)
 
     # ------------------------------------------------------------------ outputs
-    def make_output(self, request: Request) -> RequestOutput:
-        """The request's cumulative state; when ``best_of > n`` and it is done, the ``n`` samples
-        with the highest cumulative logprob."""
+    def make_output(self, request: Request) -> RequestOutput | None:
+        """The request's output after a step, by its ``output_kind``: its state so far
+        (CUMULATIVE), what is new since its previous output (DELTA: the samples with new tokens, text
+        or a finish reason; prompt logprobs in the first), or None until it finishes (FINAL_ONLY).
+        When ``best_of > n`` and it is done, the ``n`` samples with the highest cumulative logprob."""
         finished = request.is_finished
         params = request.params
+        kind = params.output_kind
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
         if params.prompt_logprobs is not None and request.prompt_logprobs is None:
             request.prompt_logprobs = [None]  # a one-token prompt has nothing to score
         seqs = request.seqs
         if finished and params.num_samples > params.n:
             seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)
         seqs = seqs[: params.n]
-        outputs = [
-            CompletionOutput(
-                index=i,
-                text=seq.text[: seq.output_text_len],
-                token_ids=seq.output_token_ids,
-                cumulative_logprob=seq.cumulative_logprob,
-                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-            )
-            for i, seq in enumerate(seqs)
-        ]
+        prompt_logprobs = request.prompt_logprobs
+        if kind is RequestOutputKind.DELTA:
+            outputs = [out for i, seq in enumerate(seqs) if (out := self._delta(i, seq)) is not None]
+            if request.num_outputs:
+                prompt_logprobs = None  # (sent with the first output)
+        else:
+            num_prompt = len(request.prompt_token_ids)
+            outputs = [
+                CompletionOutput(i, seq.text[: seq.output_text_len], seq.token_ids[num_prompt:],
+                                 seq.cumulative_logprob, list(seq.logprobs) if seq.logprobs is not None else None,
+                                 seq.finish_reason, seq.stop_reason)
+                for i, seq in enumerate(seqs)
+            ]
+        request.num_outputs += 1
+        m = request.metrics  # a snapshot: the engine keeps updating its own
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
-            prompt_token_ids=list(request.prompt_token_ids),
-            prompt_logprobs=list(request.prompt_logprobs) if request.prompt_logprobs is not None else None,
+            prompt_token_ids=request.prompt_token_ids,  # (never changed by the engine: shared, not copied)
+            prompt_logprobs=list(prompt_logprobs) if prompt_logprobs is not None else None,
             outputs=outputs,
             finished=finished,
-            metrics=RequestMetrics(**request.metrics.__dict__),  # a snapshot (cheaper than dataclasses.replace)
+            metrics=RequestMetrics(m.arrival_time, m.first_scheduled_time, m.first_token_time, m.last_token_time,
+                                   m.finished_time),
         )
+
+    @staticmethod
+    def _delta(index: int, seq: Sequence) -> CompletionOutput | None:
+        """What ``seq`` gained since its previous output (None: nothing, and no new finish reason)."""
+        num_prompt = seq.request.num_prompt_tokens
+        first_token, first_char = seq.num_emitted_tokens, seq.num_emitted_chars
+        num_tokens, num_chars = len(seq.token_ids) - num_prompt, seq.output_text_len
+        newly_finished = seq.finish_reason is not None and not seq.finish_emitted
+        if num_tokens == first_token and num_chars == first_char and not newly_finished:
+            return None
+        seq.num_emitted_tokens, seq.num_emitted_chars = num_tokens, num_chars
+        seq.finish_emitted = seq.finish_reason is not None
+        return CompletionOutput(index, seq.text[first_char:num_chars], seq.token_ids[num_prompt + first_token:],
+                                seq.cumulative_logprob,
+                                seq.logprobs[first_token:] if seq.logprobs is not None else None,
+                                seq.finish_reason, seq.stop_reason)

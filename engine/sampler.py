@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pageant.engine.sampling_params import _GREEDY_EPS
 from pageant.engine.sequence import Sequence
 
 
@@ -44,31 +45,37 @@ class SamplingBatch:
     @classmethod
     def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> "SamplingBatch":
         params = [s.request.params for s in seqs]
-        greedy = [p.greedy for p in params]
-        temps = [1.0 if g else p.temperature for p, g in zip(params, greedy)]
-        random_rows = [i for i, g in enumerate(greedy) if not g]
-
-        def column(values, dtype, used):
-            return torch.tensor(values, dtype=dtype, device=device) if used else None
-
-        top_k_vals = [p.top_k if p.top_k > 0 else vocab_size for p in params]
-        top_k = column(top_k_vals, torch.int64, any(top_k_vals[i] < vocab_size for i in random_rows))
-        top_p = column([p.top_p if p.top_p < 1 else 2.0 for p in params], torch.float32, any(params[i].top_p < 1 for i in random_rows))
-        min_p = column([p.min_p for p in params], torch.float32, any(params[i].min_p > 0 for i in random_rows))
-        generators = [(i, seqs[i].generator) for i in random_rows if seqs[i].generator is not None]
-
-        bias, masked = [], []
-        for i, (seq, p) in enumerate(zip(seqs, params)):
+        greedy, temps, random_rows, bias, masked, pen = [], [], [], [], [], []
+        for i, (seq, p) in enumerate(zip(seqs, params)):  # one pass over the rows
+            g = p.temperature < _GREEDY_EPS  # (p.greedy)
+            greedy.append(g)
+            temps.append(1.0 if g else p.temperature)
+            if not g:
+                random_rows.append(i)
             if p.logit_bias:
                 ids = torch.tensor(list(p.logit_bias), dtype=torch.int64, device=device)
                 vals = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=device)
                 bias.append((i, ids, vals))
-            if seq.num_output_tokens < p.min_tokens:
+            if p.min_tokens and len(seq.token_ids) - len(seq.request.prompt_token_ids) < p.min_tokens:
                 stop = set(p.stop_ids) | (set() if p.ignore_eos else set(seq.request.eos_token_ids))
                 if stop:
                     masked.append((i, torch.tensor(sorted(stop), dtype=torch.int64, device=device)))
+            if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0:
+                pen.append(i)
 
-        pen = [i for i, p in enumerate(params) if p.has_penalties]
+        def column(values, dtype, used):
+            return torch.tensor(values, dtype=dtype, device=device) if used else None
+
+        top_k = top_p = min_p = None
+        generators = []
+        if random_rows:
+            top_k_vals = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+            top_k = column(top_k_vals, torch.int64, any(top_k_vals[i] < vocab_size for i in random_rows))
+            top_p = column([p.top_p if p.top_p < 1 else 2.0 for p in params], torch.float32,
+                           any(params[i].top_p < 1 for i in random_rows))
+            min_p = column([p.min_p for p in params], torch.float32, any(params[i].min_p > 0 for i in random_rows))
+            generators = [(i, seqs[i].generator) for i in random_rows if seqs[i].generator is not None]
+
         presence = frequency = repetition = counts = prompt_mask = rows = None
         if pen:
             rows = torch.tensor(pen, dtype=torch.int64, device=device)
@@ -86,7 +93,7 @@ class SamplingBatch:
         return cls(
             temperature=torch.tensor(temps, dtype=torch.float32, device=device),
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            all_greedy=all(greedy),
+            all_greedy=not random_rows,
             top_k=top_k,
             top_p=top_p,
             min_p=min_p,

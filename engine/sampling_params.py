@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
@@ -26,6 +27,14 @@ class StopLimits:
 
 
 DEFAULT_STOP_LIMITS = StopLimits()
+
+
+class RequestOutputKind(enum.IntEnum):
+    """Which ``RequestOutput``s a request produces and what they hold (vLLM's names and values)."""
+
+    CUMULATIVE = 0  # after every step that changed it: everything generated so far (the default)
+    DELTA = 1  # after every step that changed it: only what is new since its previous output
+    FINAL_ONLY = 2  # one output, when it finishes (``LLM.generate``; non-streaming HTTP requests)
 
 
 def _is_int(x: object) -> bool:
@@ -65,6 +74,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # constrain the output to a JSON schema / regex / choice / grammar (pageant.engine.structured_outputs)
     structured_outputs: StructuredOutputsParams | None = None
     # the caps on stop/stop_token_ids checked here (None: DEFAULT_STOP_LIMITS)
@@ -164,6 +174,12 @@ class SamplingParams:
         for name in ("skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(f"{name} must be a boolean")
+        if isinstance(self.output_kind, bool) or self.output_kind not in tuple(RequestOutputKind):
+            raise bad(f"output_kind must be a RequestOutputKind (0, 1 or 2), got {self.output_kind!r}")
+        self.output_kind = RequestOutputKind(self.output_kind)
+        if self.output_kind is RequestOutputKind.DELTA and self.best_of is not None and self.best_of > self.n:
+            raise bad("best_of > n needs output_kind CUMULATIVE or FINAL_ONLY: the best samples are only known "
+                      "at the end, so they cannot be streamed as deltas")
 
     # ---------------------------------------------------------------- derived
     @property

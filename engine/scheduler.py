@@ -35,7 +35,7 @@ from pageant.engine.block_manager import BlockManager
 from pageant.engine.sequence import Request, Sequence, SequenceStatus, make_generator
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     """One sequence in a step: it computes tokens ``[start, start + num_new_tokens)``."""
 
@@ -44,8 +44,9 @@ class ScheduledSeq:
     num_new_tokens: int
     sample: bool  # this step reaches the end of its known tokens: sample the next one
     # speculative decoding: proposed tokens computed after the last known one (verified, then
-    # accepted or rejected, by this step's sampling); ``num_new_tokens`` counts them too
-    spec_token_ids: list[int] = field(default_factory=list)
+    # accepted or rejected, by this step's sampling); ``num_new_tokens`` counts them too. Empty
+    # (the shared ``()``) for a sequence that does not speculate this step.
+    spec_token_ids: list[int] | tuple[()] = ()
 
 
 @dataclass
@@ -125,9 +126,24 @@ class Scheduler:
             self.running.sort(key=lambda s: s.sort_key)
             self._running_sorted = True
         i = 0
+        bs, ref_counts, caching = bm.block_size, bm.ref_counts, bm.enable_caching
         while i < len(self.running) and budget > 0 and len(chosen) < self.max_num_seqs:
             seq = self.running[i]
-            num_left = seq.num_tokens - seq.num_computed_tokens
+            nc = seq.num_computed_tokens
+            num_left = len(seq.token_ids) - nc
+            if num_left == 1 and not seq.spec_token_ids:
+                # the steady decode: one token into a private block it already owns needs no
+                # allocation (the general path below gives the same result, with more Python)
+                table = seq.block_table
+                b = nc // bs
+                if b < len(table) and ref_counts[table[b]] == 1:
+                    seq.num_computed_tokens = nc + 1
+                    if caching and (nc + 1) % bs == 0:
+                        newly_cached += bm.cache_blocks(seq)
+                    chosen.append(ScheduledSeq(seq, nc, 1, True))
+                    budget -= 1
+                    i += 1
+                    continue
             num_new = min(num_left, budget)
             # a decode with proposals (speculative decoding) computes them too, as budget and pool
             # allow (proposals never preempt anyone)
@@ -175,13 +191,17 @@ class Scheduler:
             budget -= num_new
 
         # single-token sequences first (stable), as the decode kernel expects
-        chosen.sort(key=lambda s: s.num_new_tokens != 1)
         num_decode = sum(1 for s in chosen if s.num_new_tokens == 1)
+        if num_decode not in (0, len(chosen)):
+            chosen.sort(key=lambda s: s.num_new_tokens != 1)
         sample_rows: list[tuple[Sequence, int]] = []
         for idx, s in enumerate(chosen):
-            if s.sample and s.seq.request.pooling is None:  # embedding requests pool, never sample
-                sample_rows.append((s.seq, idx))
-                sample_rows.extend((child, idx) for child in self._fork_if_needed(s.seq))
+            if s.sample:
+                request = s.seq.request
+                if request.pooling is None:  # embedding requests pool, never sample
+                    sample_rows.append((s.seq, idx))
+                    if not request.forked and request.params.num_samples > 1:
+                        sample_rows.extend((child, idx) for child in self._fork_if_needed(s.seq))
         return SchedulerOutput(
             scheduled=chosen,
             num_decode_seqs=num_decode,
@@ -210,8 +230,8 @@ class Scheduler:
         # after sampling (see pageant.engine.spec_decode)
         seq.num_computed_tokens += num_new - len(spec)
         newly_cached += self.block_manager.cache_blocks(seq)
-        chosen.append(ScheduledSeq(seq, start, num_new, sample=seq.num_computed_tokens == seq.num_tokens,
-                                   spec_token_ids=list(spec) if spec else []))
+        chosen.append(ScheduledSeq(seq, start, num_new, seq.num_computed_tokens == seq.num_tokens,
+                                   list(spec) if spec else ()))
         if seq.request.metrics.first_scheduled_time is None:
             seq.request.metrics.first_scheduled_time = time.time()
 

@@ -76,6 +76,11 @@ class Sequence(OutputTokensView):
     prefix_offset: int = 0
     read_offset: int = 0
     output_text_len: int = 0  # how much of ``text`` may be shown (the rest may start a stop string)
+    # what earlier ``RequestOutput``s already showed (``RequestOutputKind.DELTA``): output tokens,
+    # characters of ``text``, and whether the finish reason was reported
+    num_emitted_tokens: int = 0
+    num_emitted_chars: int = 0
+    finish_emitted: bool = False
     # speculative decoding (pageant.engine.spec_decode): this step's proposed next tokens, and how
     # many leading positions have the draft model's KV in its pool (reset by preemption)
     spec_token_ids: list[int] = field(default_factory=list)
@@ -124,6 +129,7 @@ class Request:
     pooling: "PoolingState | None" = None  # an embedding request (prefill only, never samples)
     grammar: "GrammarState | None" = None  # structured outputs: the compiled constraint and matchers
     mm_inputs: "MultiModalInputs | None" = None  # images (pageant.engine.multimodal): features, hashes, M-RoPE
+    num_outputs: int = 0  # RequestOutputs made so far (RequestOutputKind.DELTA sends prompt logprobs once)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -131,7 +137,10 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return bool(self.seqs) and all(s.is_finished for s in self.seqs) and (
+        seqs = self.seqs
+        if len(seqs) == 1:  # (the usual case: one sample, or samples not forked yet)
+            return seqs[0].status is SequenceStatus.FINISHED and (self.forked or self.params.num_samples == 1)
+        return bool(seqs) and all(s.status is SequenceStatus.FINISHED for s in seqs) and (
             self.forked or self.params.num_samples == 1
         )
 

@@ -48,6 +48,13 @@ class Tokenizer:
             return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return self.hf_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def decode_batch(self, batch: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """``decode`` of each list of ids; with the exact Rust decoder (see ``decode``), one call
+        for all of them, which runs without holding the GIL."""
+        if self._backend is not None:
+            return self._backend.decode_batch(batch, skip_special_tokens=skip_special_tokens)
+        return [self.hf_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) for ids in batch]
+
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return self.hf_tokenizer.convert_ids_to_tokens(ids)
 

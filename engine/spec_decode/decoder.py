@@ -100,7 +100,7 @@ class SpecDecoder:
                structured) -> tuple[list[VerifiedRow], list]:
         """Each sample row's emitted tokens; and the constrained sequences whose grammar completed."""
         seqs = [seq for seq, _ in so.sample_rows]
-        drafts = [so.scheduled[idx].spec_token_ids for _, idx in so.sample_rows]
+        drafts = [list(so.scheduled[idx].spec_token_ids) for _, idx in so.sample_rows]
         mask = structured.bitmask_proposals(seqs, drafts) if structured is not None else None
         probs = [self._draft_probs.get(id(seq)) for seq in seqs] if self._draft_probs else None
         rows = verify(logits, seqs, drafts, vocab_size, generator, mask, probs)
