@@ -11,7 +11,8 @@
   ~200 in / ~180 out, ignore_eos): Pageant on every request and on the first ``hf_num_requests``;
   transformers ``generate`` in static left-padded batches (random weights made in memory: with
   ignore_eos the work does not depend on them); transformers' continuous batching (the manager
-  behind ``generate_batch``, one ``max_new_tokens`` per request) -> ``step3_throughput.json``.
+  behind ``generate_batch``, one ``max_new_tokens`` per request); both HF sides come from
+  ``pageant.engine.bench.hf_baselines``, shared with ``pageant bench throughput`` -> ``step3_throughput.json``.
 - ``serve``: step 4 (``gpu_check_serve.py``); ``summary``: goals, PNG, text (``gpu_check_summary.py``);
   ``wheels DIR``: the carried wheels this machine lacks (absent, or older than the wheel).
 
@@ -41,11 +42,12 @@ sys.path.insert(0, str(HERE))
 GPU = dict(shape="llama3.1-8b", device="cuda", dtype="bfloat16", batches=(1, 64, 8, 256), contexts=(128, 1024, 4096),
            decode_steps=20, engine=dict(max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=4096 + 256,
                                         gpu_memory_utilization=0.9),
-           num_requests=1000, hf_num_requests=128, hf_batch_sizes=(128, 64, 32),
+           num_requests=1000, hf_num_requests=128, hf_batch_sizes=(128, 64, 32), hf_cb={},  # {}: sized by transformers
            lengths=dict(mean_in=200, mean_out=180, max_len=1024), serve_rates="8,32,inf", serve_prompts=64)
 DRY = dict(shape="tiny", device="cpu", dtype="bfloat16", batches=(1, 4), contexts=(16, 48), decode_steps=3,
            engine=dict(max_num_seqs=8, max_num_batched_tokens=128, max_model_len=256, num_kv_blocks=128),
            num_requests=12, hf_num_requests=6, hf_batch_sizes=(4, 2), lengths=dict(mean_in=20, mean_out=8, max_len=40),
+           hf_cb=dict(block_size=16, num_blocks=64, max_batch_tokens=256),
            serve_rates="20,50,inf", serve_prompts=5)
 HEADER_FIELDS = ("date", "git_commit", "device", "driver", "cuda", "torch", "triton", "transformers", "python",
                  "host", "dry_run")
@@ -223,77 +225,10 @@ def _hf_model(model_dir: pathlib.Path, cfg: dict):
     return model.eval()
 
 
-def hf_static(model, requests, batch_size: int, device: str) -> dict:
-    """transformers ``generate`` over static left-padded batches in arrival order (as ``run_hf``)."""
-    import torch
-
-    start, peak_kv = time.perf_counter(), 0
-    for b in range(0, len(requests), batch_size):
-        batch = requests[b:b + batch_size]
-        max_in, max_out = max(len(i) for i, _ in batch), max(o for _, o in batch)
-        peak_kv = max(peak_kv, len(batch) * (max_in + max_out))
-        ids = torch.zeros(len(batch), max_in, dtype=torch.long)
-        mask = torch.zeros(len(batch), max_in, dtype=torch.long)
-        for row, (p, _) in enumerate(batch):
-            ids[row, max_in - len(p):], mask[row, max_in - len(p):] = torch.tensor(p), 1
-        with torch.inference_mode():
-            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_out,
-                           min_new_tokens=max_out, do_sample=False, pad_token_id=0)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    tokens = sum(o for _, o in requests)
-    return {"batch_size": batch_size, "seconds": seconds, "output_tokens": tokens, "output_tokens_per_s": tokens / seconds,
-            "peak_kv_tokens": peak_kv}
-
-
-def hf_continuous(model, requests, limit: Deadline) -> dict:
-    """transformers' continuous batching: the manager ``generate_batch`` drives, with each request's
-    own ``max_new_tokens`` and no EOS (-1); its warm-up is timed apart."""
-    from transformers import GenerationConfig
-
-    res = {"has_generate_batch": hasattr(model, "generate_batch"), "num_requests": len(requests)}
-    gen = GenerationConfig(max_new_tokens=max(o for _, o in requests), do_sample=False, eos_token_id=-1, pad_token_id=0)
-    cb_config = None
-    if model.device.type != "cuda":  # sized from free memory otherwise: most of the host's RAM on a CPU
-        from transformers import ContinuousBatchingConfig
-
-        cb_config = ContinuousBatchingConfig(block_size=16, num_blocks=64, max_batch_tokens=256)
-    manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb_config)
-    start = time.perf_counter()
-    res["has_warmup"] = hasattr(manager, "warmup")
-    if res["has_warmup"] and not getattr(manager, "warmed_up", True) and model.device.type == "cuda":
-        manager.warmup()  # CUDA graphs at the largest sizes (generate_batch's default); ~10 s on a CPU: skipped there
-    res["warmup_s"] = time.perf_counter() - start
-    manager.start()
-    start, tokens, done, errors = time.perf_counter(), 0, 0, []
-    try:
-        for i, (ids, n) in enumerate(requests):
-            manager.add_request(ids, request_id=f"cb{i}", max_new_tokens=n, eos_token_id=-1)
-        while done < len(requests) and limit.left() > 0:
-            r = manager.get_result(timeout=1)
-            if r is None:
-                if not manager.is_running():
-                    errors.append("the generation thread stopped")
-                    break
-                continue
-            if r.is_finished():
-                done += 1
-                tokens += len(r.generated_tokens)
-                if r.error:
-                    errors.append(str(r.error)[:200])
-    finally:
-        seconds = time.perf_counter() - start
-        manager.stop(block=True, timeout=10, hard_stop=done < len(requests))
-        if hasattr(manager, "destroy"):
-            manager.destroy()
-    res.update(finished=done, complete=done == len(requests), seconds=seconds, output_tokens=tokens,
-               output_tokens_per_s=tokens / seconds if seconds else 0.0, errors=errors[:5],
-               expected_tokens=sum(o for _, o in requests))
-    return res
-
-
 def run_throughput(args) -> int:
     import e2e_gpu
+
+    from pageant.engine.bench.hf_baselines import hf_continuous, hf_static
 
     cfg, limit = settings(args.dry_run), Deadline(args.time_limit)
     out = ResultFile(args.result_dir / "step3_throughput.json", args.dry_run, "throughput", merge=True)
@@ -314,13 +249,13 @@ def run_throughput(args) -> int:
                   f"{out['pageant_hf_set']['output_tokens_per_s']:.0f} on the {len(subset)}-request set", flush=True)
         elif args.side == "hf":
             model = _hf_model(model_dir, cfg)
-            hf_static(model, [(subset[0][0][:8], 2)], 1, cfg["device"])  # warm-up
+            hf_static(model, [(subset[0][0][:8], 2)], 1)  # warm-up
             out["hf_generate"], last = [], 0.0
             for b in cfg["hf_batch_sizes"]:
                 if limit.left() < 1.3 * last:
                     out["hf_generate"].append({"batch_size": b, "skipped": "time limit"})
                     continue
-                r = hf_static(model, subset, b, cfg["device"])
+                r = hf_static(model, subset, b)
                 last = r["seconds"]
                 out["hf_generate"].append(r)
                 out.save()
@@ -328,7 +263,7 @@ def run_throughput(args) -> int:
                       flush=True)
         else:
             model = _hf_model(model_dir, cfg)
-            out["hf_continuous_batching"] = hf_continuous(model, subset, limit)
+            out["hf_continuous_batching"] = hf_continuous(model, subset, time_limit=limit.left(), **cfg["hf_cb"])
             print(f"hf continuous batching: {out['hf_continuous_batching']['output_tokens_per_s']:.0f} output tok/s",
                   flush=True)
     out["sides_done"] = sorted(set(out["sides_done"]) | {args.side})

@@ -51,15 +51,42 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
+def _baselines(text: str) -> list[str]:
+    from pageant.engine.bench.throughput import BASELINES
+
+    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown baseline {', '.join(unknown) or repr(text)}: choose from "
+                                         f"{', '.join(BASELINES)} (comma-separated)")
+    if "none" in names and len(names) > 1:
+        raise argparse.ArgumentTypeError("baseline none runs Pageant only: it cannot be combined with others")
+    return [] if names == ["none"] else names
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad batch size list {text!r}") from None
+    if not sizes or any(b < 1 for b in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be integers >= 1, got {text!r}")
+    return sizes
+
+
 def _throughput_parser(sub) -> None:
     p = sub.add_parser("throughput", help="offline: Pageant LLM.generate vs Hugging Face generate")
     p.add_argument("--model", default=None, help="checkpoint dir; default: build a random Llama of --build-size")
-    p.add_argument("--build-size", default="30m", choices=["tiny", "30m"],
+    p.add_argument("--build-size", default="30m", choices=["tiny", "24m", "30m"],
                    help="random Llama-shaped checkpoint to build when --model is not given")
     p.add_argument("--num-prompts", type=int, default=128)
     p.add_argument("--input-len", default="16:512")
     p.add_argument("--output-len", default="16:256")
-    p.add_argument("--hf-batch-sizes", default="8,16,32,64", help="static batch sizes to try for HF")
+    p.add_argument("--baseline", type=_baselines, default=["hf"],
+                   help="comma-separated baselines: hf (generate, static left-padded batches of "
+                        "--hf-batch-sizes), hf-cb (transformers' continuous batching, paged), none (Pageant only)")
+    p.add_argument("--hf-batch-sizes", type=_batch_sizes, default=[8, 16, 32, 64],
+                   help="static batch sizes to try for HF")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-num-seqs", type=int, default=128)
@@ -148,74 +175,80 @@ def run_serve(args) -> int:
 
 
 def build_bench_checkpoint(path: Path, size: str) -> Path:
-    """A random Llama-shaped checkpoint: ``30m`` is ~34M parameters (hidden 512, 8 layers)."""
+    """A random Llama-shaped checkpoint: ``24m`` is ~24M parameters (hidden 512, 5 layers), ``30m``
+    ~34M (hidden 512, 8 layers); both 8 heads, 4 KV heads, vocab 8192."""
     from pageant.engine.testing import build_checkpoint
 
     shapes = {
         "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048),
+        "24m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=5, num_attention_heads=8,
+                    num_key_value_heads=4, vocab_size=8192, max_position_embeddings=2048),
         "30m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                     num_key_value_heads=4, vocab_size=8192, max_position_embeddings=2048),
     }
+    if size not in shapes:
+        raise ValueError(f"unknown --build-size {size!r}: choose from {', '.join(shapes)}")
     return Path(build_checkpoint(path, arch="llama", seed=0, **shapes[size]))
 
 
 def run_throughput(args) -> int:
+    import math
+    import os
     import tempfile
 
+    import torch
     from transformers import AutoConfig
 
-    import os
-
-    import torch
-
-    from pageant.engine.bench.throughput import kv_memory_report, make_requests, run_hf, run_pageant
+    from pageant.engine.bench import throughput as tp
 
     threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)  # the same for Pageant and Hugging Face
+    torch.set_num_threads(threads)  # the same for Pageant and every Hugging Face side (CB's thread inherits it)
     print(f"torch threads: {threads}")
+    baselines = args.baseline
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else build_bench_checkpoint(Path(tmp) / "ckpt", args.build_size)
+        num_parameters = tp.count_parameters(model)
+        print(f"model: {model if args.model else 'random Llama ' + args.build_size}, "
+              f"{num_parameters:,} parameters ({num_parameters / 1e6:.1f}M)")
         config = AutoConfig.from_pretrained(model)
-        reqs = make_requests(args.num_prompts, datasets.parse_range(args.input_len),
-                             datasets.parse_range(args.output_len), config.vocab_size, args.seed)
+        reqs = tp.make_requests(args.num_prompts, datasets.parse_range(args.input_len),
+                                datasets.parse_range(args.output_len), config.vocab_size, args.seed)
         progress = not args.no_progress
-        pageant = run_pageant(str(model), reqs, dtype=args.dtype, device=args.device,
-                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                              max_model_len=args.max_model_len, progress=progress)
+        pageant = tp.run_pageant(str(model), reqs, dtype=args.dtype, device=args.device,
+                                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                 max_model_len=args.max_model_len, progress=progress)
         pad = config.pad_token_id if config.pad_token_id is not None else 0
-        hf = [run_hf(str(model), reqs, int(b), dtype=args.dtype, device=args.device, pad_token_id=pad,
-                     progress=progress) for b in args.hf_batch_sizes.split(",")]
-    best = max(hf, key=lambda r: r.output_tokens_per_s)
-    ratio = pageant.output_tokens_per_s / best.output_tokens_per_s
-    report = {
-        "meta": _meta(args.device),
-        "config": {k: v for k, v in vars(args).items() if k != "func"},
-        "num_parameters": hf[0].extra["num_parameters"],
-        "pageant": {"name": "pageant", "seconds": pageant.seconds, "output_tokens": pageant.output_tokens,
-                    "output_tokens_per_s": pageant.output_tokens_per_s, **pageant.extra},
-        "hf": [{"name": r.name, "seconds": r.seconds, "output_tokens": r.output_tokens,
-                "output_tokens_per_s": r.output_tokens_per_s, **r.extra} for r in hf],
-        "best_hf": best.name,
-        "ratio_vs_best_hf": ratio,
-        "kv_memory_mib": kv_memory_report(config, pageant, best, args.max_model_len),
-    }
-    print(f"pageant: {pageant.output_tokens_per_s:10.1f} output tok/s ({pageant.seconds:.1f} s)")
-    for r in hf:
-        print(f"{r.name:>8}: {r.output_tokens_per_s:10.1f} output tok/s ({r.seconds:.1f} s)")
-    print(f"ratio pageant / best HF ({best.name}): {ratio:.2f}x")
-    for k, v in report["kv_memory_mib"].items():
-        print(f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: {v}")
+        hf = [tp.run_hf(str(model), reqs, b, dtype=args.dtype, device=args.device, pad_token_id=pad,
+                        progress=progress) for b in args.hf_batch_sizes] if "hf" in baselines else []
+        hf_cb = None
+        if "hf-cb" in baselines:
+            # the same scheduler budget as Pageant, and at most its KV pool (no more than all requests need)
+            bs = pageant.extra["block_size"]
+            need = sum(math.ceil((len(ids) + n) / bs) for ids, n in reqs) + 1
+            hf_cb = tp.run_hf_cb(str(model), reqs, dtype=args.dtype, device=args.device, progress=progress,
+                                 block_size=bs, num_blocks=min(pageant.extra["num_kv_blocks"], need),
+                                 max_batch_tokens=args.max_num_batched_tokens,
+                                 max_requests_per_batch=args.max_num_seqs)
+    report = tp.build_report(pageant, hf, hf_cb, config=config, max_model_len=args.max_model_len,
+                             num_parameters=num_parameters, baselines=baselines, meta=_meta(args.device),
+                             run_config={k: v for k, v in vars(args).items() if k != "func"})
+    print(tp.format_report(report))
+    rc = 0
+    if hf_cb is not None and not hf_cb.extra["exact_lengths"]:
+        print(f"HF continuous batching did not generate exactly the requested tokens "
+              f"({hf_cb.output_tokens} of {hf_cb.extra['expected_tokens']}; first mismatches "
+              f"{hf_cb.extra['length_mismatches']}, errors {hf_cb.extra['errors']}): its figure is not "
+              f"like for like", file=sys.stderr)
+        rc = 1
     if args.save_result:
-        from pageant.engine.bench.plots import plot_throughput
-
         out_dir = Path(args.result_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         label = args.label or f"throughput_{args.device}"
         (out_dir / f"{label}.json").write_text(json.dumps(report, indent=1))
-        plot_throughput(report, out_dir / f"{label}.png")
+        tp.plot_report(report, out_dir / f"{label}.png")
         print(f"saved {out_dir / (label + '.json')} and {out_dir / (label + '.png')}")
-    return 0
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,27 +55,3 @@ def plot_serve(results_by_label: dict[str, list], path: Path, bin_s: float | Non
     plt.close(fig)
     return path
 
-
-def plot_throughput(report: dict, path: Path) -> Path:
-    """Bars: output tokens/s of Pageant and each Hugging Face batch size; KV memory comparison."""
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    names = ["pageant"] + [h["name"] for h in report["hf"]]
-    values = [report["pageant"]["output_tokens_per_s"]] + [h["output_tokens_per_s"] for h in report["hf"]]
-    colors = ["tab:green"] + ["tab:gray"] * len(report["hf"])
-    ax1.bar(names, values, color=colors)
-    ax1.set_ylabel("output tokens/s")
-    ax1.set_title(f"Pageant vs Hugging Face generate: {report['ratio_vs_best_hf']:.2f}x the best HF")
-    ax1.tick_params(axis="x", rotation=30)
-    kv = report["kv_memory_mib"]
-    labels = ["pageant used (peak)", "pageant pool", "contiguous max-len", "HF padded (peak)"]
-    keys = ["pageant_used_peak_mib", "pageant_pool_allocated_mib",
-            "contiguous_max_len_same_concurrency_mib", "hf_padded_static_batch_peak_mib"]
-    ax2.bar(labels, [kv[k] for k in keys], color=["tab:green", "tab:olive", "tab:red", "tab:gray"])
-    ax2.set_ylabel("KV cache MiB")
-    ax2.set_title("KV memory")
-    ax2.tick_params(axis="x", rotation=20)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -67,6 +67,7 @@ def test_every_step_measured_something(dry_run):
     assert [r["batch_size"] for r in th["hf_generate"]] == [4, 2]
     cb = th["hf_continuous_batching"]
     assert cb["has_generate_batch"] and cb["complete"] and cb["output_tokens"] == cb["expected_tokens"]
+    assert cb["exact_lengths"] and not cb["cuda_graph_warmup"] and cb["cb_config"]["num_blocks"] == 64  # shared code
     assert th["pageant_hf_set"]["output_tokens"] == cb["expected_tokens"] == th["hf_generate"][0]["output_tokens"]
     serve = load("step4_serve.json")
     assert [r["request_rate"] for r in serve["runs"]] == ["20", "50", "inf"]
