@@ -343,9 +343,9 @@ class LLMEngine(EngineLoRA):
 
     def stats(self) -> dict[str, Any]:
         bm = self.block_manager
-        running = {s.request_id for s in self.scheduler.running}
-        waiting = {s.request_id for s in self.scheduler.waiting} - running
-        running_loras = {s.request.lora_name for s in self.scheduler.running} - {None}
+        running = {s.request for s in self.scheduler.running}  # (requests hash by identity: cheap per step)
+        waiting = {s.request for s in self.scheduler.waiting} - running
+        running_loras = {r.lora_name for r in running} - {None}
         waiting_loras = {s.request.lora_name for s in self.scheduler.waiting} - {None}
         return {
             "num_kv_blocks": bm.num_blocks,

@@ -33,6 +33,7 @@ class RequestResult:
     prompt_tokens: int = 0
     itl: list[float] = field(default_factory=list)
     chunk_times: list[float] = field(default_factory=list)  # absolute, since benchmark start
+    text: str = ""  # the completion's text (the chunks' text joined, when streamed)
 
 
 def arrival_intervals(n: int, rate: float, burstiness: float, rng: random.Random) -> list[float]:
@@ -62,14 +63,15 @@ async def _one_request(
     t0: float,
     extra_body: dict,
     chat: bool,
+    stream: bool = True,
 ) -> RequestResult:
     res = RequestResult(prompt_len=req.prompt_len, output_len_requested=req.output_len)
     body: dict = {
         "model": model,
         "max_tokens": req.output_len,
         "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream": stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
         "ignore_eos": True,
         **extra_body,
     }
@@ -84,6 +86,8 @@ async def _one_request(
     start = time.perf_counter()
     res.start = start - t0
     last = start
+    if not stream:
+        return await _one_plain_request(client, url, body, res, start, t0)
     try:
         async with client.stream("POST", url, json=body) as resp:
             if resp.status_code != 200:
@@ -104,10 +108,9 @@ async def _one_request(
                     res.output_tokens = int(usage.get("completion_tokens") or 0)
                     res.prompt_tokens = int(usage.get("prompt_tokens") or 0)
                 choices = chunk.get("choices") or []
-                has_content = any(
-                    (c.get("text") or (c.get("delta") or {}).get("content")) for c in choices
-                )
-                if not has_content:
+                content = "".join((c.get("text") or (c.get("delta") or {}).get("content") or "") for c in choices)
+                res.text += content
+                if not content:
                     continue
                 now = time.perf_counter()
                 if res.ttft == 0.0:
@@ -120,6 +123,31 @@ async def _one_request(
         if res.output_tokens == 0:  # server without include_usage: count content chunks
             res.output_tokens = len(res.chunk_times)
         res.success = res.ttft > 0.0
+        if not res.success:
+            res.error = "no tokens received"
+    except (httpx.HTTPError, json.JSONDecodeError, OSError) as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+    return res
+
+
+async def _one_plain_request(client: httpx.AsyncClient, url: str, body: dict, res: RequestResult, start: float,
+                             t0: float) -> RequestResult:
+    """A non-streamed request: the whole completion comes at once (its TTFT is its latency)."""
+    try:
+        resp = await client.post(url, json=body)
+        now = time.perf_counter()
+        if resp.status_code != 200:
+            res.error = f"HTTP {resp.status_code}: {resp.text[:300]}"
+            return res
+        doc = resp.json()
+        usage = doc.get("usage") or {}
+        res.output_tokens = int(usage.get("completion_tokens") or 0)
+        res.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        res.text = "".join((c.get("text") or (c.get("message") or {}).get("content") or "")
+                           for c in doc.get("choices") or [])
+        res.ttft = res.latency = now - start
+        res.chunk_times.append(now - t0)
+        res.success = res.output_tokens > 0
         if not res.success:
             res.error = "no tokens received"
     except (httpx.HTTPError, json.JSONDecodeError, OSError) as exc:
@@ -141,8 +169,10 @@ async def run_serve_benchmark(
     seed: int = 0,
     progress: bool = True,
     timeout: float = 600.0,
+    stream: bool = True,
 ) -> tuple[list[RequestResult], float]:
-    """Send every request, return the per-request results and the benchmark's duration (s)."""
+    """Send every request, return the per-request results and the benchmark's duration (s).
+    ``stream=False`` asks for whole responses (TTFT then equals the latency; no ITL)."""
     from tqdm import tqdm
 
     url = base_url.rstrip("/") + endpoint
@@ -157,10 +187,10 @@ async def run_serve_benchmark(
 
         async def guarded(req: BenchRequest) -> RequestResult:
             if sem is None:
-                r = await _one_request(client, url, model, req, t0, extra_body or {}, chat)
+                r = await _one_request(client, url, model, req, t0, extra_body or {}, chat, stream)
             else:
                 async with sem:
-                    r = await _one_request(client, url, model, req, t0, extra_body or {}, chat)
+                    r = await _one_request(client, url, model, req, t0, extra_body or {}, chat, stream)
             bar.update(1)
             return r
 

@@ -1,34 +1,57 @@
 """The bridge between asyncio handlers and the single-threaded ``LLMEngine``.
 
 A dedicated thread owns the engine: it takes requests and aborts from a thread-safe queue, runs
-``engine.step()`` while there is work, and hands each ``RequestOutput`` back to the event loop with
-``loop.call_soon_threadsafe`` into the request's own ``asyncio.Queue``. The event loop never runs
-model code, so ``/health`` and ``/metrics`` stay fast while the model computes.
+``engine.step()`` while there is work, and hands a step's ``RequestOutput``s back to the event loop
+in one ``loop.call_soon_threadsafe`` call, each into its request's ``_Stream`` (where an unread
+cumulative output is replaced by the newer one). The event loop never runs model code, so
+``/health`` and ``/metrics`` stay fast while the model computes. The outputs cross threads as the
+engine made them: ``OutputProcessor.make_output`` builds new lists every step (the prompt's token
+ids, which the engine never changes, are shared), so no later step mutates what a reader holds.
+
+Requests whose sampling params ask for ``output_kind`` FINAL_ONLY (the non-streaming handlers) get
+one output, when they finish; their token timings (TTFT, ITL) are read on the engine thread from the
+engine's own request after every step, so the metrics are those of a streamed request.
 
 Invariants: only the engine thread touches the engine after ``start()``; every admitted request
-ends with exactly one terminal item in its queue (a finished output or an exception); a request
+ends with exactly one terminal item in its stream (a finished output or an exception); a request
 whose consumer goes away is aborted before the engine's next step, which frees its KV blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import queue
 import threading
 import time
-from dataclasses import replace
-from typing import Any, AsyncIterator
+from typing import Any
 
-from pageant.engine import EngineStepError, InvalidRequestError, RequestOutput, SamplingParams
+from pageant.engine import EngineStepError, InvalidRequestError, SamplingParams
 from pageant.engine.outputs import EmbeddingRequestOutput
+from pageant.engine.sampling_params import RequestOutputKind
 from pageant.engine.server.metrics import ServerMetrics
 
 from pageant.engine.server.async_types import (AdapterGoneError, EngineDeadError, QueueFullError,  # noqa: F401
-                                               RequestFailedError, _Abort, _Add, _Call, _Stream)
+                                               RequestFailedError, RequestHandle, _Abort, _Add, _Call, _Stream,
+                                               deliver_threadsafe)
 
 logger = logging.getLogger("pageant.server")
+_gc_collected = False  # freeze_gc_heap() collected once in this process
+
+
+def freeze_gc_heap() -> None:
+    """Move everything alive now (the imports, the loaded model, the engine) out of the garbage
+    collector's generations (as vLLM's ``freeze_gc_heap`` after its warm-up): a full collection then
+    scans only what the server allocated since, instead of a pause of a tenth of a second or more
+    over the whole heap that holds the GIL, and with it the engine thread. The first call in a
+    process collects first; ``gc.unfreeze()`` (``AsyncEngine.stop``) makes the heap collectable again."""
+    global _gc_collected
+    if not _gc_collected:
+        _gc_collected = True
+        gc.collect()
+    gc.freeze()
 
 
 class Admission:
@@ -46,39 +69,6 @@ class Admission:
         for key in self.keys:
             self.engine._slots.pop(key, None)
         self.keys = []
-
-
-class RequestHandle:
-    """One admitted request: iterate ``outputs()``; ``close()`` aborts it if it has not finished."""
-
-    def __init__(self, engine: "AsyncEngine", request_id: str, stream: _Stream, slot: int | None = None):
-        self.engine = engine
-        self.request_id = request_id
-        self.stream = stream
-        self.slot = slot
-        self.closed = False
-
-    async def outputs(self) -> AsyncIterator[RequestOutput]:
-        while not self.stream.finished:
-            item = await self.stream.queue.get()
-            if isinstance(item, BaseException):
-                self.stream.finished = True
-                raise item
-            if item.finished:
-                self.stream.finished = True
-            yield item
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.engine.num_inflight -= 1
-        self.engine._slots.pop(self.slot, None)
-        if not self.stream.finished:
-            self.stream.finished = True
-            self.engine.abort(self.request_id)
-            if self.engine.metrics is not None:
-                self.engine.metrics.failure("abort")
 
 
 class AsyncEngine:
@@ -109,6 +99,7 @@ class AsyncEngine:
         self.idle_wait = idle_wait
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._final_only: dict[str, Any] = {}  # engine thread only: FINAL_ONLY request id -> the engine's request
         self._stats: dict = {}
         self._heartbeat = time.monotonic()
         self._thread: threading.Thread | None = None
@@ -117,6 +108,7 @@ class AsyncEngine:
         self.step_error: str | None = None  # the last model-step failure (the process should be restarted)
         self.num_inflight = 0  # requests between add() and their end, event loop side
         self.draining = False
+        self._gc_frozen = False
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -124,6 +116,8 @@ class AsyncEngine:
             return
         self._stats = dict(self.engine.stats())
         self._heartbeat = time.monotonic()
+        freeze_gc_heap()
+        self._gc_frozen = True
         self._thread = threading.Thread(target=self._run, name="pageant-engine", daemon=True)
         self._thread.start()
 
@@ -132,6 +126,9 @@ class AsyncEngine:
         self._commands.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._gc_frozen:  # what the server held at its start may be collected again (and at exit)
+            self._gc_frozen = False
+            gc.unfreeze()
 
     # ---------------------------------------------------------------- state
     @property
@@ -201,7 +198,9 @@ class AsyncEngine:
         """Admit a request; raises ``InvalidRequestError`` (the engine refused it) or ``EngineDeadError``."""
         if self.dead_reason is not None or self._thread is None or self._stop.is_set() or self.fatal_error:
             raise EngineDeadError(self.dead_reason or self.fatal_error or "engine loop is not running")
-        stream = _Stream(asyncio.get_running_loop())
+        # DELTA outputs each hold only their step's news: none may replace an unread one
+        stream = _Stream(asyncio.get_running_loop(),
+                         coalesce=getattr(params, "output_kind", None) is not RequestOutputKind.DELTA)
         cmd = _Add(request_id, prompt, params, priority, time.time(), stream, engine_kwargs)
         self._commands.put(cmd)
         try:
@@ -273,6 +272,7 @@ class AsyncEngine:
             for stream in self._streams.values():
                 stream.put_threadsafe(RequestFailedError(f"engine loop died: {exc!r}"))
             self._streams.clear()
+            self._final_only.clear()
             self._fail_pending(EngineDeadError(self.dead_reason))
 
     def _fail_pending(self, exc: BaseException) -> None:
@@ -318,6 +318,10 @@ class AsyncEngine:
                 cmd.accepted.set_exception(exc if isinstance(exc, InvalidRequestError) else InvalidRequestError(str(exc)))
                 return
             self._streams[cmd.request_id] = cmd.stream
+            if getattr(cmd.params, "output_kind", None) is RequestOutputKind.FINAL_ONLY and self.metrics is not None:
+                request = getattr(self.engine, "requests", {}).get(cmd.request_id)
+                if request is not None:
+                    self._final_only[cmd.request_id] = request
             cmd.accepted.set_result(None)
         elif isinstance(cmd, _Abort):
             live = [rid for rid in cmd.request_ids if rid in self._streams]
@@ -325,6 +329,7 @@ class AsyncEngine:
                 self.engine.abort_request(live)
             for rid in live:
                 self._streams.pop(rid, None)
+                self._final_only.pop(rid, None)
                 if self.metrics is not None:
                     self.metrics.forget(rid)
             self._stats = dict(self.engine.stats())
@@ -340,6 +345,7 @@ class AsyncEngine:
                 self.engine.abort_request(ids)
             self._stats = dict(self.engine.stats())
             for rid in ids:
+                self._final_only.pop(rid, None)
                 if self.metrics is not None:
                     self.metrics.forget(rid)
                     self.metrics.failure("shutdown")
@@ -354,6 +360,7 @@ class AsyncEngine:
             self._stats = dict(self.engine.stats())
             failed = []
             for rid in exc.request_ids:
+                self._final_only.pop(rid, None)
                 if self.metrics is not None:
                     self.metrics.forget(rid)
                     self.metrics.failure("engine_error")
@@ -364,22 +371,22 @@ class AsyncEngine:
             return
         now = time.time()
         self._stats = dict(self.engine.stats())  # before delivering: a client that sees its reply sees these
+        metrics, streams = self.metrics, self._streams
+        if metrics is not None and self._final_only:  # their outputs come only when they finish
+            metrics.observe_requests(self._final_only.items(), now)
+        deliveries = []
         for out in outputs:
-            stream = self._streams.get(out.request_id)
+            stream = streams.get(out.request_id)
             if stream is None:  # aborted meanwhile
                 continue
-            embedding = isinstance(out, EmbeddingRequestOutput)
-            if self.metrics is not None:
-                self.metrics.observe_embedding(out, now) if embedding else self.metrics.observe_output(out, now)
+            if metrics is not None:
+                if isinstance(out, EmbeddingRequestOutput):
+                    metrics.observe_embedding(out, now)
+                else:
+                    metrics.observe_output(out, now)
             if out.finished:
-                del self._streams[out.request_id]
-            stream.put_threadsafe(out if embedding else _snapshot(out))  # (a finished embedding never changes)
-
-
-def _snapshot(out: RequestOutput) -> RequestOutput:
-    """A copy whose lists the engine will not mutate later (outputs cross threads)."""
-    outputs = [
-        replace(c, token_ids=list(c.token_ids), logprobs=None if c.logprobs is None else list(c.logprobs))
-        for c in out.outputs
-    ]
-    return replace(out, outputs=outputs, metrics=replace(out.metrics))
+                del streams[out.request_id]
+                self._final_only.pop(out.request_id, None)
+            deliveries.append((stream, out))
+        if deliveries:
+            deliver_threadsafe(deliveries)

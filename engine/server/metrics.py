@@ -2,20 +2,23 @@
 
 One ``CollectorRegistry`` per app (never the global one). Gauges and the engine's cumulative
 counters are read from the latest ``engine.stats()`` snapshot when Prometheus scrapes; per-request
-counters and histograms are recorded by the engine thread as requests progress and finish.
+counters and histograms are recorded by the engine thread as requests progress and finish. Token
+timings come from the engine's clock (``RequestMetrics``: a request's first and latest token times),
+as vLLM's come from the engine core's: TTFT is first token - arrival, ITL the gap between the
+latest-token times of consecutive steps that gave a request tokens.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pageant.engine.outputs import RequestOutput
+from pageant.engine.outputs import RequestMetrics, RequestOutput
 
 disable_created_metrics()  # no `*_created` series (as vLLM): they double every counter's cardinality
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -138,30 +141,47 @@ class ServerMetrics:
                                     ["model_name"], buckets=_token_buckets(), registry=reg)
         self.generation_len = Histogram("vllm:request_generation_tokens", "Number of generation tokens processed.",
                                         ["model_name"], buckets=_token_buckets(), registry=reg)
-        # request_id -> (time of its last token, number of tokens so far); engine thread only.
-        self._last: dict[str, tuple[float, int]] = {}
+        # the children of the per-token histograms (labels() is a locked dict look-up per call)
+        self._ttft, self._itl, self._tpot = (h.labels(model_name) for h in (self.ttft, self.itl, self.tpot))
+        # request_id -> the time of its latest token seen; engine thread only.
+        self._last: dict[str, float] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ engine thread
+    def _observe_tokens(self, request_id: str, m: RequestMetrics, now: float) -> None:
+        """TTFT at a request's first token, then one ITL (and TPOT) per step that gave it tokens."""
+        latest = m.last_token_time
+        if latest is None:
+            return
+        prev = self._last.get(request_id)
+        if prev is None:
+            self._ttft.observe(max(0.0, (m.first_token_time or now) - m.arrival_time))
+        elif latest != prev:
+            gap = max(0.0, latest - prev)
+            self._itl.observe(gap)
+            self._tpot.observe(gap)
+        else:
+            return
+        self._last[request_id] = latest
+
     def observe_output(self, out: RequestOutput, now: float | None = None) -> None:
-        """Record token timings of one step's output for a request (called once per output)."""
+        """Record token timings of one step's output for a request (called once per output), and its
+        end when it is finished."""
         now = time.time() if now is None else now
-        num_tokens = sum(len(c.token_ids) for c in out.outputs)
         with self._lock:
-            prev = self._last.get(out.request_id)
-            if num_tokens and prev is None:
-                start = out.metrics.arrival_time
-                self.ttft.labels(self.model_name).observe(max(0.0, (out.metrics.first_token_time or now) - start))
-            elif prev is not None and num_tokens > prev[1]:
-                gap = max(0.0, now - prev[0])
-                self.itl.labels(self.model_name).observe(gap)
-                self.tpot.labels(self.model_name).observe(gap)
+            self._observe_tokens(out.request_id, out.metrics, now)
             if out.finished:
                 self._last.pop(out.request_id, None)
-            elif num_tokens and (prev is None or num_tokens > prev[1]):
-                self._last[out.request_id] = (now, num_tokens)
         if out.finished:
             self._observe_finished(out, now)
+
+    def observe_requests(self, requests: Iterable[tuple[str, Any]], now: float | None = None) -> None:
+        """Token timings of unfinished requests that get no output per step (FINAL_ONLY), from the
+        engine's own requests (``(request_id, request)`` pairs; ``request.metrics`` is read)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            for request_id, request in requests:
+                self._observe_tokens(request_id, request.metrics, now)
 
     def _observe_finished(self, out: RequestOutput, now: float) -> None:
         m = out.metrics

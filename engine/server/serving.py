@@ -20,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pageant.engine import InvalidRequestError, RequestOutput
+from pageant.engine.sampling_params import RequestOutputKind
 from pageant.engine.server import protocol as p
 from pageant.engine.server import serving_beam, serving_chat, structured
 from pageant.engine.server.async_engine import (AdapterGoneError, Admission, AsyncEngine, EngineDeadError,
@@ -44,37 +45,59 @@ async def _until_disconnect(raw: Request) -> None:
 
 
 async def _merged(handles: list[RequestHandle], disconnect: asyncio.Task) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several requests as they come, tagged with the request's position. Raises
-    ``ClientDisconnected`` when the client goes away; always closes (aborts) every handle."""
-    queue: asyncio.Queue = asyncio.Queue()
+    """Outputs of several requests as they come, tagged with the request's position (an unread
+    cumulative output is replaced by a newer one, see ``_Stream``). Raises a request's error, or
+    ``ClientDisconnected`` when the client goes away; always closes (aborts) every handle.
 
-    async def pump(i: int, handle: RequestHandle) -> None:
-        try:
-            async for out in handle.outputs():
-                queue.put_nowait((i, out))
-            queue.put_nowait((i, None))
-        except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
-            queue.put_nowait((i, exc))
+    One future is awaited at a time: each stream marks itself ready when the engine thread delivers
+    to it, and the disconnect task wakes the same future, so an output costs no task of its own."""
+    loop = asyncio.get_running_loop()
+    streams = [h.stream for h in handles]
+    ready: dict[int, None] = {}  # streams with unread items, in the order they got them
+    waiter: asyncio.Future | None = None
 
-    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
-    remaining = len(handles)
+    def wake(*_) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def marker(i: int):
+        def mark() -> None:
+            ready[i] = None
+            wake()
+        return mark
+
+    for i, stream in enumerate(streams):
+        stream.listener = marker(i)
+        if stream.items:
+            ready[i] = None
+    disconnect.add_done_callback(wake)
+    remaining = sum(not s.finished for s in streams)
     try:
         while remaining:
-            get = asyncio.create_task(queue.get())
-            done, _ = await asyncio.wait({get, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-            if get not in done:
-                get.cancel()
-                raise ClientDisconnected()
-            i, item = get.result()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
+            if not ready:
+                if disconnect.done():
+                    raise ClientDisconnected()
+                waiter = loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    waiter = None
+                continue
+            i = next(iter(ready))
+            del ready[i]
+            stream = streams[i]
+            for item in stream.take():
+                if isinstance(item, BaseException):
+                    stream.finished = True
+                    raise item
+                if item.finished:
+                    stream.finished = True
+                    remaining -= 1
                 yield i, item
     finally:
-        for task in tasks:
-            task.cancel()
+        disconnect.remove_done_callback(wake)
+        for stream in streams:
+            stream.listener = None
         for handle in handles:
             handle.close()
 
@@ -278,6 +301,8 @@ class OpenAIServing:
                                                   for ids in prompts))
             params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, limits=self.limits)
             params.structured_outputs = constraint
+            if not body.stream:  # one output per request, when it finishes (not one per step)
+                params.output_kind = RequestOutputKind.FINAL_ONLY
             request_id = p.random_id("cmpl")
             self._log(request_id, prompt[0], params, len(prompts[0]), engine_kwargs.get("lora_request"))
             handles = await self._open_all(request_id, prompts, params, body.priority, engine_kwargs, admission)

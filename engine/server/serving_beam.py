@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pageant.engine import SamplingParams
 from pageant.engine.beam_search import MAX_BEAM_WIDTH, BeamSearch, BeamSearchOutput, BeamSearchParams
+from pageant.engine.sampling_params import RequestOutputKind
 from pageant.engine.server import protocol as p
 from pageant.engine.server.validation import APIError, check_prompt_ids, resolve_max_tokens
 
@@ -45,7 +46,8 @@ async def search(serving, request_id: str, ids: list[int], params: BeamSearchPar
     step = 0
     while not beams.done:
         live = beams.live()
-        sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=beams.beams_to_keep)
+        sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=beams.beams_to_keep,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
         handles = await serving._open_all(f"{request_id}-step{step}", [b.tokens for b in live], sp, priority,
                                           engine_kwargs)
         finals = await serving._collect(handles, raw)

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pageant.engine.multimodal.chat import chat_prompt, image_urls
 from pageant.engine.multimodal.media import MediaLimits
+from pageant.engine.sampling_params import RequestOutputKind
 from pageant.engine.server import protocol as p
 from pageant.engine.server import serving_beam
 from pageant.engine.server.chat_tools import ChoiceOutput, plan_tools
@@ -67,6 +68,8 @@ async def chat(serving, body: p.ChatCompletionRequest, raw: Request) -> Response
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, limits=serving.limits)
         params.structured_outputs = constraint
+        if not body.stream:  # one output per request, when it finishes (not one per step)
+            params.output_kind = RequestOutputKind.FINAL_ONLY
         request_id = p.random_id("chatcmpl")
         serving._log(request_id, ids, params, len(ids), engine_kwargs.get("lora_request"))
         handles = await serving._open_all(request_id, [prompt or ids], params, body.priority, engine_kwargs, admission)
