@@ -28,11 +28,14 @@ def get_ops(backend: str) -> ModuleType:
     """The module of kernels for ``backend`` ("torch" or "triton"); both expose the same functions:
     ``reshape_and_cache``, ``paged_attention_decode``, ``paged_attention_prefill``, ``rms_norm``,
     ``fused_add_rms_norm``, ``rotary_embedding``, ``fused_moe`` and ``select_experts``.
+
+    "torch" is ``pageant.kernels.cpu_ops``: the reference's functions with paged attention that
+    reads the KV pool in place on the CPU (the reference itself stays the tests' ground truth).
     """
     if backend == "torch":
-        from pageant.kernels import reference
+        from pageant.kernels import cpu_ops
 
-        return reference
+        return cpu_ops
     if backend == "triton":
         from pageant.kernels import triton_ops
 

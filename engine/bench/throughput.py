@@ -61,8 +61,9 @@ def kv_bytes_per_token(config) -> int:
 def run_pageant(model: str, requests: list[tuple[list[int], int]], *, dtype: str, device: str,
                 max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                 progress: bool = True, engine_kwargs: dict | None = None) -> ThroughputResult:
-    """Drive ``LLMEngine`` step by step (as ``LLM.generate`` does) so the KV pool can be sampled."""
-    from pageant.engine import LLMEngine, SamplingParams
+    """Drive ``LLMEngine`` step by step (as ``LLM.generate`` does: FINAL_ONLY outputs) so the KV
+    pool can be sampled."""
+    from pageant.engine import LLMEngine, RequestOutputKind, SamplingParams
 
     engine = LLMEngine.from_kwargs(
         model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
@@ -80,7 +81,8 @@ def run_pageant(model: str, requests: list[tuple[list[int], int]], *, dtype: str
     start = time.perf_counter()
     for i, (ids, n_out) in enumerate(requests):
         engine.add_request(f"r{i}", {"prompt_token_ids": ids},
-                           SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True))
+                           SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True,
+                                          output_kind=RequestOutputKind.FINAL_ONLY))
     while engine.has_unfinished_requests():
         outputs = engine.step()
         stats = engine.stats()

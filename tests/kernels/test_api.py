@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from pageant.kernels import get_ops, reference, triton_ops
+from pageant.kernels import cpu_ops, get_ops, reference, triton_ops
 
 FUNCTIONS = [
     "reshape_and_cache",
@@ -30,7 +30,7 @@ def test_same_signature_as_reference(name):
 
 def test_get_ops():
     assert get_ops("triton") is triton_ops
-    assert get_ops("torch") is reference
+    assert get_ops("torch") is cpu_ops  # the reference with the in-place paged attention
     with pytest.raises(ValueError, match="unknown attention backend"):
         get_ops("cuda")
 
