@@ -20,10 +20,18 @@ def detokenize_incrementally(tokenizer: Tokenizer, seq: Sequence, skip_special_t
     return _advance(seq, prefix_text, new_text)
 
 
+# From this many sequences on, one batched decoder call (``Tokenizer.decode_batch``: Rust, threads,
+# GIL released) beats two calls per sequence; below it the thread pool's start-up costs more than
+# the decoding (2 cores: 16 sequences 15 us looped vs 88 us batched, 256: 0.50 vs 0.44 ms).
+BATCHED_DECODE_MIN_SEQS = 256
+
+
 def detokenize_batch(tokenizer: Tokenizer, seqs: list[Sequence]) -> list[str]:
     """``detokenize_incrementally`` for each of ``seqs`` (distinct sequences, each with its own
-    ``skip_special_tokens``): one batched decoder call per ``skip_special_tokens`` value for all
-    their windows, instead of two calls per sequence. Returns each one's new text."""
+    ``skip_special_tokens``); from ``BATCHED_DECODE_MIN_SEQS`` on, one batched decoder call per
+    ``skip_special_tokens`` value for all their windows. Returns each one's new text."""
+    if len(seqs) < BATCHED_DECODE_MIN_SEQS:
+        return [detokenize_incrementally(tokenizer, s, s.request.params.skip_special_tokens) for s in seqs]
     deltas = [""] * len(seqs)
     groups: dict[bool, list[int]] = {}
     for i, seq in enumerate(seqs):

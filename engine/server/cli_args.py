@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint's per-layer k/v scales, else 1.0: twice the bf16 blocks in the same memory) "
                         "(None: auto)")
     e.add_argument("--attention-backend", choices=["torch", "triton"], default=None,
-                   help="attention kernels (None: triton on GPU, torch on CPU)")
+                   help="attention kernels (None: triton on GPU, torch on CPU: the C++ paged attention, built on first "
+                        "use with the system compiler, else the PyTorch reference)")
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV cache of prompt prefixes shared with earlier requests (None: off)")
     e.add_argument("--enforce-eager", action="store_true", default=None,

@@ -132,7 +132,15 @@ def tokenizer(tmp_path_factory):
     return Tokenizer(build_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
-def test_detokenize_batch_equals_one_by_one(tokenizer):
+@pytest.mark.parametrize("batched_from", [1, None])  # the batched decoder call, and the default threshold
+def test_detokenize_batch_equals_one_by_one(tokenizer, batched_from, monkeypatch):
+    import pageant.engine.detokenizer as detok
+
+    if batched_from is not None:
+        monkeypatch.setattr(detok, "BATCHED_DECODE_MIN_SEQS", batched_from)
+    calls = []
+    decode_batch = tokenizer.decode_batch
+    monkeypatch.setattr(tokenizer, "decode_batch", lambda *a: calls.append(1) or decode_batch(*a))
     rng = random.Random(0)
     ids = tokenizer.hf_tokenizer.encode(TEXT, add_special_tokens=False)
     special = sorted(tokenizer.all_special_ids)
@@ -158,3 +166,4 @@ def test_detokenize_batch_equals_one_by_one(tokenizer):
         assert detokenize_batch(tokenizer, [batch[k] for k in live]) == expected
     assert [s.text for s in batch] == [s.text for s in one]
     assert any("🙂" in s.text for s in batch)
+    assert bool(calls) == (batched_from == 1)
