@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
 from pageant.engine import InvalidRequestError, RequestOutput, SamplingParams
 
@@ -96,6 +96,17 @@ class _Stream:
         items, self.items = self.items, []
         return items
 
+    def read(self) -> Iterator[Any]:
+        """The unread outputs (``take``), the stream marked finished at its finished output or error
+        (an error is raised, not yielded)."""
+        for item in self.take():
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            if item.finished:
+                self.finished = True
+            yield item
+
     async def wait(self) -> None:
         """Until there is an unread item."""
         while not self.items:
@@ -146,12 +157,7 @@ class RequestHandle:
         stream = self.stream
         while not stream.finished:
             await stream.wait()
-            for item in stream.take():
-                if isinstance(item, BaseException):
-                    stream.finished = True
-                    raise item
-                if item.finished:
-                    stream.finished = True
+            for item in stream.read():
                 yield item
 
     def close(self) -> None:

@@ -86,12 +86,8 @@ async def _merged(handles: list[RequestHandle], disconnect: asyncio.Task) -> Asy
             i = next(iter(ready))
             del ready[i]
             stream = streams[i]
-            for item in stream.take():
-                if isinstance(item, BaseException):
-                    stream.finished = True
-                    raise item
+            for item in stream.read():
                 if item.finished:
-                    stream.finished = True
                     remaining -= 1
                 yield i, item
     finally:
