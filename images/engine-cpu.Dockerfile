@@ -34,6 +34,12 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/home/pageant/.cache/huggingface
 COPY --from=build /wheels /wheels
+# g++: the engine's CPU paged attention (kernels/cpu_attention.cpp) is compiled on the first start,
+# for the CPU it runs on (about 10 s, into ~/.cache/torch_extensions); without a compiler the engine
+# logs a warning and runs the slower PyTorch reference attention.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && python -m pip install --no-cache-dir "/wheels/pageant-${PAGEANT_VERSION}-py3-none-any.whl[server]" \
     && rm -rf /wheels \
